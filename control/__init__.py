@@ -1,0 +1,1 @@
+"""Ferry control plane: the engine client, flows per mode, the catalog and the CLI."""

@@ -1,0 +1,4 @@
+"""The content-addressed store: fixed-size blocks, keyed ids, zstd-compressed packs, full manifests.
+
+``Store.open(path)`` is the entry point; see ``docs/store-format.md`` for the on-disk format.
+"""
