@@ -18,6 +18,7 @@ from mover.errors import FerryError
 # ``lab.cli`` is imported only to offer ``ferry lab``; no control or mover code path uses the lab.
 COMMAND_MODULES = (
     "mover.cli",
+    "mover.commands",
     "control.commands",
     "lab.cli",
 )
