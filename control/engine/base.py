@@ -1,0 +1,278 @@
+"""The engine client's base: connection, error mapping, waiting, inventory.
+
+It wraps the calls the flows need (inventory, OVF, snapshots, VM backups and checkpoints, image transfers,
+freeze/thaw, disks and VMs for restore) and turns SDK failures into ``control.errors``: a wrong password is an
+``AuthError``, a refused connection or TLS failure ``EngineUnreachable``, a missing object ``NotFound``, a
+409 ``EngineConflict`` (retryable). TLS is verified with the engine's CA file; the SDK itself logs in again
+when the SSO token expires (a 401 on a request triggers a new token and one retry).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import ovirtsdk4 as sdk
+import ovirtsdk4.types as types
+import pycurl
+
+from control.errors import AuthError, EngineConflict, EngineError, EngineUnreachable, NotFound, UsageError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# user@domain, as the engine's SSO expects (admin@internal, jane@example.com@ldap-profile is not valid).
+_USER_RE = re.compile(r"^[^@\s]+@[^@\s]+$")
+# Seconds between polls of an entity whose state we wait for: short first, since the lab answers in
+# milliseconds, growing so that a real engine is not hammered during a minutes-long snapshot.
+_POLL_FIRST, _POLL_MAX = 0.1, 2.0
+
+
+def validate_user(user: str) -> str:
+    if not _USER_RE.match(user):
+        raise UsageError(f"engine user {user!r} must be in user@domain form, for example admin@internal")
+    return user
+
+
+def api_url(url: str) -> str:
+    """The API URL of an engine given as a host, a base URL or the API URL itself."""
+    url = url.rstrip("/")
+    if "://" not in url:
+        url = "https://" + url
+    if not url.endswith("/ovirt-engine/api"):
+        url += "/ovirt-engine/api"
+    return url
+
+
+@dataclass
+class DiskInfo:
+    """A disk of a VM as the flows need it."""
+
+    id: str
+    alias: str
+    size: int  # provisioned (virtual) size
+    format: str  # raw | cow
+    sparse: bool
+    incremental: bool  # backup=incremental enabled (the checkpoint method needs it)
+    storage_domain: str | None
+    interface: str
+    bootable: bool
+    image_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Transfer:
+    id: str
+    transfer_url: str | None
+    proxy_url: str | None
+    phase: str
+
+
+class EngineBase:
+    """One authenticated connection to one engine; not thread-safe (one per flow). Inventory and plumbing."""
+
+    def __init__(self, url: str, user: str, password: str, ca_file: str | None, timeout: float = 600) -> None:
+        self.url = api_url(url)
+        self.user = validate_user(user)
+        self._password = password
+        self.ca_file = ca_file
+        self.timeout = timeout  # for one wait on an engine entity
+        self._conn: sdk.Connection | None = None
+
+    # connection
+
+    def connect(self) -> EngineBase:
+        """Log in and check the API answers (raises AuthError, EngineUnreachable)."""
+        with self._errors("login"):
+            self._conn = sdk.Connection(url=self.url, username=self.user, password=self._password,
+                                        ca_file=self.ca_file, insecure=False, timeout=60,
+                                        connections=2, pipeline=0)
+            self._conn.authenticate()
+            self.version()
+        log.info("engine connected url=%s user=%s", self.url, self.user)
+        return self
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close(logout=True)
+            except Exception as e:  # logging out is a courtesy; a dead engine must not hide the real error
+                log.debug("engine logout failed url=%s error=%s", self.url, e)
+            self._conn = None
+
+    def __enter__(self) -> EngineBase:
+        return self.connect() if self._conn is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def system(self) -> Any:
+        if self._conn is None:
+            self.connect()
+        assert self._conn is not None
+        return self._conn.system_service()
+
+    @contextmanager
+    def _errors(self, what: str, kind: str = "object", name: str = "") -> Iterator[None]:
+        try:
+            yield
+        except sdk.AuthError as e:
+            raise AuthError(_short(e), url=self.url, user=self.user) from None
+        except sdk.NotFoundError:
+            raise NotFound(kind=kind, name=name or what) from None
+        except (sdk.ConnectionError, sdk.TimeoutError) as e:
+            raise EngineUnreachable(_short(e), url=self.url) from None
+        except pycurl.error as e:
+            raise EngineUnreachable(_curl_reason(e), url=self.url) from None
+        except sdk.Error as e:
+            if e.code == 409:
+                raise EngineConflict(f"{what}: {_short(e)}", url=self.url) from None
+            if e.code == 404:
+                raise NotFound(kind=kind, name=name or what) from None
+            if e.code == 401:
+                raise AuthError(_short(e), url=self.url, user=self.user) from None
+            raise EngineError(f"{what}: {_short(e)}", url=self.url) from None
+
+    def call(self, what: str, fn: Callable[[], T], kind: str = "object", name: str = "") -> T:
+        with self._errors(what, kind, name):
+            return fn()
+
+    def version(self) -> tuple[int, int]:
+        with self._errors("api"):
+            api = self.system.get()
+        v = api.product_info.version if api.product_info else None
+        if v is None:
+            return (4, 0)
+        return (int(v.major or 4), int(v.minor or 0))
+
+    # inventory
+
+    def vms(self) -> list[Any]:
+        return self.call("list vms", lambda: self.system.vms_service().list())
+
+    def find_vm(self, name_or_id: str) -> Any:
+        """The VM with this id or name (NotFound otherwise)."""
+        vms = self.system.vms_service()
+        if re.fullmatch(r"[0-9a-fA-F-]{36}", name_or_id):
+            try:
+                return self.call("get vm", lambda: vms.vm_service(name_or_id).get(), "VM", name_or_id)
+            except NotFound:
+                pass
+        found = self.call("search vm", lambda: vms.list(search=f"name={name_or_id}"))
+        found = [v for v in found if v.name == name_or_id]
+        if not found:
+            raise NotFound(kind="VM", name=name_or_id)
+        return found[0]
+
+    def vm(self, vm_id: str) -> Any:
+        return self.call("get vm", lambda: self.system.vms_service().vm_service(vm_id).get(), "VM", vm_id)
+
+    def vm_service(self, vm_id: str) -> Any:
+        return self.system.vms_service().vm_service(vm_id)
+
+    def vm_disks(self, vm_id: str) -> list[DiskInfo]:
+        """The VM's disks with their attachment details, in attachment order."""
+        atts = self.call("list disk attachments",
+                         lambda: self.vm_service(vm_id).disk_attachments_service().list(), "VM", vm_id)
+        out = []
+        for att in atts:
+            d = self.disk(att.disk.id)
+            out.append(_disk_info(d, att))
+        return out
+
+    def disk(self, disk_id: str) -> Any:
+        return self.call("get disk", lambda: self.system.disks_service().disk_service(disk_id).get(), "disk", disk_id)
+
+    def clusters(self) -> list[Any]:
+        return self.call("list clusters", lambda: self.system.clusters_service().list())
+
+    def hosts(self) -> list[Any]:
+        return self.call("list hosts", lambda: self.system.hosts_service().list())
+
+    def storage_domains(self) -> list[Any]:
+        return self.call("list storage domains", lambda: self.system.storage_domains_service().list())
+
+    def find_cluster(self, name_or_id: str) -> Any:
+        for c in self.clusters():
+            if name_or_id in (c.id, c.name):
+                return c
+        raise NotFound(kind="cluster", name=name_or_id)
+
+    def find_storage_domain(self, name_or_id: str) -> Any:
+        for s in self.storage_domains():
+            if name_or_id in (s.id, s.name):
+                return s
+        raise NotFound(kind="storage domain", name=name_or_id)
+
+    def vm_ovf(self, vm_id: str) -> str:
+        """The VM's OVF (``all_content`` brings it in ``initialization.configuration``)."""
+        vm = self.call("get vm ovf", lambda: self.vm_service(vm_id).get(all_content=True), "VM", vm_id)
+        conf = vm.initialization.configuration if vm.initialization else None
+        if conf is None or not conf.data:
+            raise EngineError(f"VM {vm.name} has no OVF configuration", url=self.url)
+        return str(conf.data)
+
+    def has_guest_agent(self, vm: Any) -> bool:
+        """A running VM whose guest agent reports itself (the engine fills guest_operating_system then)."""
+        return bool(vm.status == types.VmStatus.UP and vm.guest_operating_system is not None)
+
+    # freeze / thaw
+
+    def freeze(self, vm_id: str) -> None:
+        self.call("freeze filesystems", lambda: self.vm_service(vm_id).freeze_filesystems(), "VM", vm_id)
+
+    def thaw(self, vm_id: str) -> None:
+        self.call("thaw filesystems", lambda: self.vm_service(vm_id).thaw_filesystems(), "VM", vm_id)
+
+    # waiting
+
+    def wait(self, what: str, probe: Callable[[], T], done: Callable[[T], bool],
+             failed: Callable[[T], str | None] = lambda _: None, timeout: float | None = None) -> T:
+        """Poll ``probe`` until ``done``; EngineError if ``failed`` names a reason or the time runs out."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        delay = _POLL_FIRST
+        while True:
+            value = probe()
+            reason = failed(value)
+            if reason:
+                raise EngineError(f"{what}: {reason}", url=self.url)
+            if done(value):
+                return value
+            if time.monotonic() > deadline:
+                raise EngineError(f"{what}: timed out after {timeout or self.timeout:.0f}s", url=self.url)
+            time.sleep(delay)
+            delay = min(delay * 1.5, _POLL_MAX)
+
+
+def _disk_info(d: Any, att: Any = None) -> DiskInfo:
+    sd = d.storage_domains[0].id if d.storage_domains else None
+    return DiskInfo(
+        id=d.id, alias=d.alias or d.name or d.id, size=int(d.provisioned_size or 0),
+        format=d.format.value if d.format else "raw", sparse=bool(d.sparse),
+        incremental=d.backup == types.DiskBackup.INCREMENTAL, storage_domain=sd,
+        interface=att.interface.value if att is not None and att.interface else "virtio_scsi",
+        bootable=bool(att.bootable) if att is not None else False, image_id=d.image_id)
+
+
+def _short(e: Exception) -> str:
+    """The SDK's message without its multi-line detail (one clear line for the CLI)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:300]
+
+
+def _curl_reason(e: pycurl.error) -> str:
+    code = e.args[0] if e.args else 0
+    msg = e.args[1] if len(e.args) > 1 else str(e)
+    if code == 60:
+        return f"TLS certificate not trusted with the given CA file ({msg})"
+    return str(msg)
