@@ -1,14 +1,168 @@
 # cython: language_level=3
-"""Hot-path kernels of Ferry (placeholder: the real kernels replace this)."""
+"""Hot-path kernels of Ferry: zero detection, keyed block hashing, sorted-index lookups.
 
-from libc.string cimport memcmp
+Only ``mover/kernels.py`` imports this module. Every kernel takes typed memoryviews and runs its loop with
+the GIL released, so a pool of Python threads keeps both cores busy.
+"""
+
+from libc.stdint cimport int64_t, uint8_t
+from libc.string cimport memcmp, memset
+
+cdef extern from "openssl/evp.h" nogil:
+    ctypedef struct EVP_MD:
+        pass
+    const EVP_MD *EVP_sha256()
+
+cdef extern from "openssl/hmac.h" nogil:
+    unsigned char *HMAC(const EVP_MD *evp_md, const void *key, int key_len,
+                        const unsigned char *d, size_t n, unsigned char *md, unsigned int *md_len)
+
+DEF ID_SIZE = 32
 
 
-def is_zero(const unsigned char[::1] data):
+cdef inline bint _zero(const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    # Check a 16-byte head by hand, then compare the buffer with itself shifted by 16: glibc's SIMD
+    # memcmp stops at the first difference, so non-zero data (the common case) costs almost nothing.
+    cdef Py_ssize_t i
+    cdef Py_ssize_t head = 16 if n > 16 else n
+    for i in range(head):
+        if p[i] != 0:
+            return False
+    if n <= 16:
+        return True
+    return memcmp(p, p + 16, n - 16) == 0
+
+
+def is_zero(const unsigned char[::1] data not None) -> bool:
+    """True if every byte of ``data`` is zero (an empty buffer is zero)."""
     cdef Py_ssize_t n = data.shape[0]
     cdef bint r = True
     if n == 0:
         return True
     with nogil:
-        r = data[0] == 0 and (n == 1 or memcmp(&data[0], &data[1], n - 1) == 0)
+        r = _zero(&data[0], n)
     return r
+
+
+def zero_flags(const unsigned char[::1] data not None, Py_ssize_t block_size) -> bytearray:
+    """One flag per block of ``data`` (1: all zero); the last block may be short."""
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    cdef Py_ssize_t n = data.shape[0]
+    cdef Py_ssize_t count = (n + block_size - 1) // block_size
+    out = bytearray(count)
+    cdef unsigned char[::1] flags = out
+    cdef Py_ssize_t i, start, length
+    if count == 0:
+        return out
+    with nogil:
+        for i in range(count):
+            start = i * block_size
+            length = block_size if start + block_size <= n else n - start
+            flags[i] = _zero(&data[start], length)
+    return out
+
+
+def hmac_sha256_blocks(const unsigned char[::1] key not None, const unsigned char[::1] data not None,
+                       Py_ssize_t block_size, const unsigned char[::1] zero=None) -> bytes:
+    """HMAC-SHA256 (OpenSSL, SHA-NI where the CPU has it) of each block: ``n * 32`` bytes.
+
+    Where ``zero[i]`` is set the block is not hashed and its id is 32 zero bytes (``ZERO_ID``).
+    """
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    cdef Py_ssize_t n = data.shape[0]
+    cdef Py_ssize_t count = (n + block_size - 1) // block_size
+    if zero is not None and zero.shape[0] < count:
+        raise ValueError("zero flags shorter than the number of blocks")
+    out = bytearray(count * ID_SIZE)
+    cdef unsigned char[::1] ids = out
+    cdef const unsigned char *flags = NULL
+    cdef const unsigned char *k = NULL
+    cdef int key_len = <int>key.shape[0]
+    cdef unsigned char empty = 0
+    cdef Py_ssize_t i, start, length
+    cdef unsigned int md_len = 0
+    cdef int failed = 0
+    cdef const EVP_MD *md
+    if count == 0:
+        return bytes(out)
+    k = &key[0] if key_len > 0 else &empty
+    if zero is not None:
+        flags = &zero[0]
+    with nogil:
+        md = EVP_sha256()
+        for i in range(count):
+            if flags != NULL and flags[i]:
+                memset(&ids[i * ID_SIZE], 0, ID_SIZE)
+                continue
+            start = i * block_size
+            length = block_size if start + block_size <= n else n - start
+            if HMAC(md, k, key_len, &data[start], <size_t>length, &ids[i * ID_SIZE], &md_len) == NULL:
+                failed = 1
+                break
+    if failed:
+        raise RuntimeError("OpenSSL HMAC failed")
+    return bytes(out)
+
+
+cdef inline Py_ssize_t _bsearch(const unsigned char *base, Py_ssize_t count, Py_ssize_t entry_size,
+                                const unsigned char *key) noexcept nogil:
+    cdef Py_ssize_t lo = 0, hi = count, mid
+    cdef int c
+    while lo < hi:
+        mid = lo + (hi - lo) // 2
+        c = memcmp(base + mid * entry_size, key, ID_SIZE)
+        if c == 0:
+            return mid
+        if c < 0:
+            lo = mid + 1
+        else:
+            hi = mid
+    return -1
+
+
+def bsearch(const unsigned char[::1] table not None, Py_ssize_t start, Py_ssize_t count,
+            Py_ssize_t entry_size, const unsigned char[::1] key not None) -> int:
+    """Position of ``key`` (32 bytes) among ``count`` sorted entries at ``table[start:]``, or -1.
+
+    Each entry is ``entry_size`` bytes and begins with its 32-byte id.
+    """
+    if key.shape[0] != ID_SIZE:
+        raise ValueError("key must be 32 bytes")
+    if entry_size < ID_SIZE or start < 0 or count < 0 or start + count * entry_size > table.shape[0]:
+        raise ValueError("table bounds")
+    cdef Py_ssize_t r = -1
+    if count == 0:
+        return -1
+    with nogil:
+        r = _bsearch(&table[start], count, entry_size, &key[0])
+    return r
+
+
+def bsearch_many(const unsigned char[::1] table not None, Py_ssize_t start, Py_ssize_t count,
+                 Py_ssize_t entry_size, const unsigned char[::1] keys not None,
+                 int64_t[::1] out not None) -> int:
+    """``bsearch`` for each 32-byte id in ``keys``: writes positions (-1 if absent) to ``out``.
+
+    Returns how many were found. Used to mark the blocks a manifest references without Python objects.
+    """
+    if entry_size < ID_SIZE or start < 0 or count < 0 or start + count * entry_size > table.shape[0]:
+        raise ValueError("table bounds")
+    cdef Py_ssize_t nkeys = keys.shape[0] // ID_SIZE
+    if out.shape[0] < nkeys:
+        raise ValueError("out too short")
+    cdef Py_ssize_t i, found = 0, r
+    if nkeys == 0:
+        return 0
+    if count == 0:
+        for i in range(nkeys):
+            out[i] = -1
+        return 0
+    with nogil:
+        for i in range(nkeys):
+            r = _bsearch(&table[start], count, entry_size, &keys[i * ID_SIZE])
+            out[i] = r
+            if r >= 0:
+                found += 1
+    return found

@@ -2,3 +2,8 @@
 
 ``Store.open(path)`` is the entry point; see ``docs/store-format.md`` for the on-disk format.
 """
+
+from mover.store.api import ZERO_ID, BackupInfo
+from mover.store.repo import Store
+
+__all__ = ["ZERO_ID", "BackupInfo", "Store"]

@@ -1,0 +1,315 @@
+"""``Store``: the content-addressed store on a local directory (implements ``mover.store.api.StoreAPI``).
+
+Directory layout (docs/store-format.md):
+    config.json  key  locks/  tmp/  packs/<xx>/<name>.pack  index/<name>.idx  backups/<id>/{info.json,manifest}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+import zstandard
+
+from mover import kernels
+from mover.errors import NotFound, StoreCorrupt, StoreError
+from mover.store import config as cfg
+from mover.store import fsutil, index, lock, pack
+from mover.store import manifest as mf
+from mover.store.api import ZERO_ID, BackupInfo
+from mover.store.writer import Writer
+
+log = logging.getLogger(__name__)
+
+BACKUP_DIR = "backups"
+INFO_FILE = "info.json"
+SUBDIRS = (lock.LOCK_DIR, fsutil.TMP_DIR, pack.PACK_DIR, index.INDEX_DIR, BACKUP_DIR)
+MAX_OPEN_PACKS = 64  # descriptors kept open for reads: restores touch packs in order, so a few suffice
+
+
+class Store:
+    """A store on a local directory. Thread-safe; one instance per process is enough."""
+
+    def __init__(self, path: str, config: cfg.StoreConfig, key: bytes) -> None:
+        self.path = path
+        self.config = config
+        self.block_size = config.block_size
+        self._key = key
+        self.index = index.Index(path)
+        self._store_lock = lock.FileLock(path, lock.STORE_LOCK)
+        self._lock = threading.Lock()
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._local = threading.local()
+
+    # --- opening ------------------------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, path: str, block_size: int = cfg.DEFAULT_BLOCK_SIZE, hash: str = cfg.DEFAULT_HASH,
+             zstd_level: int = cfg.DEFAULT_ZSTD_LEVEL, pack_size: int = cfg.DEFAULT_PACK_SIZE) -> Store:
+        """Create a new store in ``path`` (empty or missing) and open it."""
+        path = os.path.abspath(path)
+        if os.path.exists(os.path.join(path, cfg.CONFIG_FILE)):
+            raise StoreError("a store already exists here", path=path)
+        config = cfg.StoreConfig(block_size=block_size, hash=hash, zstd_level=zstd_level, pack_size=pack_size)
+        config.validate(path)
+        try:
+            os.makedirs(path, exist_ok=True)
+            for d in SUBDIRS:
+                os.makedirs(os.path.join(path, d), exist_ok=True)
+        except OSError as e:
+            raise fsutil.store_error(e, path, "cannot create the store") from e
+        cfg.new_key(path, hash)
+        cfg.save(path, config)  # written last: a directory without config.json is not a store yet
+        fsutil.fsync_dir(path)
+        log.info("Created store path=%s block_size=%d hash=%s", path, block_size, hash)
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str, create: bool = False, **init_args: Any) -> Store:
+        """Open the store in ``path``; with ``create``, make one there first if there is none."""
+        path = os.path.abspath(path)
+        if create and not os.path.exists(os.path.join(path, cfg.CONFIG_FILE)):
+            with contextlib.suppress(StoreError):
+                return cls.init(path, **init_args)  # another process may win the race: then just open
+        config = cfg.load(path)
+        key = cfg.load_key(path, config.hash)
+        for d in SUBDIRS:
+            if not os.path.isdir(os.path.join(path, d)):
+                raise StoreCorrupt(f"directory {d}/ is missing", path=path)
+        return cls(path, config, key)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the store lock and every descriptor."""
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+        self._store_lock.release()
+
+    # --- block ids and blocks -----------------------------------------------------------------------
+
+    def block_id(self, data: bytes | memoryview) -> bytes:
+        """The keyed id of one block (``ZERO_ID`` is never returned for data: zeros are the caller's test)."""
+        return kernels.block_ids(self.config.hash, self._key, data, max(len(data), 1))
+
+    def block_ids(self, data: bytes | memoryview, zero: bytes | bytearray | None = None) -> list[bytes]:
+        """Ids of the consecutive blocks of ``data``; ``ZERO_ID`` where ``zero[i]`` is set."""
+        raw = kernels.block_ids(self.config.hash, self._key, data, self.block_size, zero)
+        return [raw[i : i + 32] for i in range(0, len(raw), 32)]
+
+    def has(self, block_id: bytes) -> bool:
+        return block_id == ZERO_ID or self.index.find(block_id) is not None
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        d = getattr(self._local, "dctx", None)
+        if d is None:
+            d = self._local.dctx = zstandard.ZstdDecompressor()
+        return d
+
+    def _pack_fd(self, name: str) -> int:
+        with self._lock:
+            fd = self._fds.get(name)
+            if fd is not None:
+                self._fds.move_to_end(name)
+                return fd
+            fd = os.open(pack.pack_path(self.path, name), os.O_RDONLY)
+            self._fds[name] = fd
+            if len(self._fds) > MAX_OPEN_PACKS:
+                # closing under the lock: no other thread can be between _pack_fd and pread on it... except
+                # a reader that got it earlier; pread then fails with EBADF and read_block retries once
+                os.close(self._fds.popitem(last=False)[1])
+            return fd
+
+    def _forget_fd(self, name: str) -> None:
+        with self._lock:
+            fd = self._fds.pop(name, None)
+            if fd is not None:
+                os.close(fd)
+
+    def read_entry(self, entry: index.Entry, verify: bool = True) -> bytes:
+        """Read, decompress and (with ``verify``) re-hash one block; ``StoreCorrupt`` on any mismatch."""
+        path = pack.pack_path(self.path, entry.pack)
+        try:
+            fd = self._pack_fd(entry.pack)
+        except FileNotFoundError:
+            raise StoreCorrupt(f"pack {entry.pack} is missing (block {entry.id.hex()[:16]})", path=self.path) from None
+        try:
+            bid, raw_len, flags, stored = pack.read_record(fd, entry.offset, entry.stored_len, path, self.path)
+        except StoreCorrupt:
+            self._forget_fd(entry.pack)
+            raise
+        if bid != entry.id or raw_len != entry.raw_len:
+            raise StoreCorrupt(f"pack {entry.pack} offset {entry.offset} holds another block", path=self.path)
+        if flags & pack.FLAG_ZSTD:
+            try:
+                data = self._decompressor().decompress(stored, max_output_size=raw_len)
+            except zstandard.ZstdError as e:
+                raise StoreCorrupt(f"block {bid.hex()[:16]} in pack {entry.pack} does not decompress: {e}",
+                                   path=self.path) from e
+        else:
+            data = stored
+        if len(data) != raw_len:
+            raise StoreCorrupt(f"block {bid.hex()[:16]} in pack {entry.pack} has the wrong length", path=self.path)
+        if verify and self.block_id(data) != bid:
+            raise StoreCorrupt(f"block {bid.hex()[:16]} in pack {entry.pack} fails its hash", path=self.path)
+        return data
+
+    def read_block(self, block_id: bytes, verify: bool = True) -> bytes:
+        """Raw content of a block (decompressed and, unless ``verify=False``, re-hashed)."""
+        entry = self.index.lookup(block_id)
+        if entry is None:
+            self.index.refresh()  # another process may have published it since
+            entry = self.index.lookup(block_id)
+        if entry is None:
+            raise StoreCorrupt(f"block {block_id.hex()[:16]} is missing", path=self.path)
+        return self.read_entry(entry, verify)
+
+    def writer(self) -> Writer:
+        """A block writer; holds the shared store lock until ``close()`` so prune waits for this backup."""
+        self.lock_shared()
+        return Writer(self)
+
+    def lock_shared(self) -> None:
+        """Take the shared store lock (idempotent): prune waits until this process closes the store."""
+        with self._lock:
+            if not self._store_lock.held:
+                self._store_lock.acquire(exclusive=False, timeout=600.0, busy="a prune is running")
+
+    # --- manifests and backups ----------------------------------------------------------------------
+
+    def new_manifest(self, size: int, base: str | None = None) -> mf.Manifest:
+        """An all-zero manifest for ``size`` bytes, or a copy-on-write copy of backup ``base``'s."""
+        if base is None:
+            return mf.Manifest(size, self.block_size)
+        self.lock_shared()  # the base's blocks must survive until the new backup is saved
+        m = self.load_manifest(base)
+        if m.block_size != self.block_size:
+            raise StoreCorrupt(f"backup {base} has block size {m.block_size}, store {self.block_size}",
+                               path=self.path)
+        if m.size != size:
+            r = mf.resized(m, size)
+            m.close()
+            return r
+        return m
+
+    def _backup_dir(self, backup_id: str) -> str:
+        if not backup_id or "/" in backup_id or backup_id.startswith("."):
+            raise NotFound(kind="backup", name=backup_id)
+        return os.path.join(self.path, BACKUP_DIR, backup_id)
+
+    def save_backup(self, info: BackupInfo, manifest: mf.Manifest) -> BackupInfo:  # type: ignore[override]
+        """Write manifest and metadata atomically, after checking every block it names is in the store."""
+        self.lock_shared()
+        if manifest.block_size != self.block_size:
+            raise StoreError(f"manifest block size {manifest.block_size} != store {self.block_size}", path=self.path)
+        missing = self.missing_blocks(manifest)
+        if missing:
+            raise StoreError(f"backup not saved: {missing} block(s) it names are not in the store "
+                             "(commit the writer first)", path=self.path)
+        backup_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
+        info.id = backup_id
+        info.size = manifest.size
+        info.block_size = manifest.block_size
+        tmp = fsutil.tmp_path(self.path, ".backup")
+        final = self._backup_dir(backup_id)
+        try:
+            os.mkdir(tmp)
+            mf.write(self.path, os.path.join(tmp, mf.MANIFEST_FILE), manifest)
+            data = json.dumps(asdict(info), indent=2, sort_keys=True).encode() + b"\n"
+            fsutil.write_file(self.path, os.path.join(tmp, INFO_FILE), data)
+            fsutil.fsync_dir(tmp)
+            os.rename(tmp, final)
+            fsutil.fsync_dir(os.path.dirname(final))
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise fsutil.store_error(e, self.path, f"cannot save backup {backup_id}") from e
+            raise
+        log.info("Saved backup id=%s size=%d blocks=%d", backup_id, manifest.size, manifest.count)
+        return info
+
+    def missing_blocks(self, manifest: mf.Manifest) -> int:
+        """How many non-zero entries of ``manifest`` the index does not hold (after a refresh)."""
+        self.index.refresh()
+        missing = 0
+        for i in range(manifest.count):
+            bid = manifest[i]
+            if bid != ZERO_ID and self.index.find(bid) is None:
+                missing += 1
+        return missing
+
+    def load_manifest(self, backup_id: str) -> mf.Manifest:
+        path = os.path.join(self._backup_dir(backup_id), mf.MANIFEST_FILE)
+        try:
+            return mf.load(self.path, path)
+        except FileNotFoundError:
+            if os.path.isdir(self._backup_dir(backup_id)):
+                raise StoreCorrupt(f"backup {backup_id} has no manifest", path=self.path) from None
+            raise NotFound(kind="backup", name=backup_id) from None
+
+    def backup(self, backup_id: str) -> BackupInfo:
+        path = os.path.join(self._backup_dir(backup_id), INFO_FILE)
+        try:
+            with open(path, "rb") as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise NotFound(kind="backup", name=backup_id) from None
+        except (OSError, ValueError) as e:
+            raise StoreCorrupt(f"backup {backup_id}: cannot read {INFO_FILE}: {e}", path=self.path) from e
+        known = set(BackupInfo.__dataclass_fields__)
+        return BackupInfo(**{k: v for k, v in raw.items() if k in known})
+
+    def backup_ids(self) -> list[str]:
+        return sorted(d for d in os.listdir(os.path.join(self.path, BACKUP_DIR)) if not d.startswith("."))
+
+    def backups(self) -> Iterator[BackupInfo]:
+        """Every backup, oldest first."""
+        infos = []
+        for b in self.backup_ids():
+            with contextlib.suppress(NotFound):
+                infos.append(self.backup(b))
+        yield from sorted(infos, key=lambda i: (i.created, i.id))
+
+    def delete_backup(self, backup_id: str) -> None:
+        """Remove a backup's manifest and metadata (its blocks go at the next prune)."""
+        final = self._backup_dir(backup_id)
+        if not os.path.isdir(final):
+            raise NotFound(kind="backup", name=backup_id)
+        trash = fsutil.tmp_path(self.path, ".deleted")
+        try:
+            os.rename(final, trash)  # atomic: the backup is either listed whole or gone
+            fsutil.fsync_dir(os.path.dirname(final))
+        except OSError as e:
+            raise fsutil.store_error(e, self.path, f"cannot delete backup {backup_id}") from e
+        shutil.rmtree(trash, ignore_errors=True)
+        log.info("Deleted backup id=%s", backup_id)
+
+    # --- maintenance --------------------------------------------------------------------------------
+
+    def prune(self, wait: float = 60.0) -> dict[str, int]:
+        """Drop blocks no backup references; waits up to ``wait`` s for running backups. Returns counts."""
+        from mover.store import prune
+
+        return prune.prune(self, wait=wait)
+
+    def check(self, read_data: bool = False) -> dict[str, Any]:
+        """Structured report of problems (see ``mover.store.check``)."""
+        from mover.store import check
+
+        return check.check(self, read_data=read_data)
