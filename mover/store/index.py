@@ -190,6 +190,10 @@ class Index:
                 return seg, pos
         return None
 
+    def find_all(self, block_id: bytes) -> list[Entry]:
+        """Every copy of ``block_id`` (usually one; more after concurrent writers stored it twice)."""
+        return [seg.entry(pos) for seg in self._segments if (pos := seg.find(block_id)) >= 0]
+
     def lookup(self, block_id: bytes) -> Entry | None:
         hit = self.find(block_id)
         return None if hit is None else hit[0].entry(hit[1])

@@ -171,14 +171,23 @@ class Store:
         return data
 
     def read_block(self, block_id: bytes, verify: bool = True) -> bytes:
-        """Raw content of a block (decompressed and, unless ``verify=False``, re-hashed)."""
-        entry = self.index.lookup(block_id)
-        if entry is None:
-            self.index.refresh()  # another process may have published it since
-            entry = self.index.lookup(block_id)
-        if entry is None:
-            raise StoreCorrupt(f"block {block_id.hex()[:16]} is missing", path=self.path)
-        return self.read_entry(entry, verify)
+        """Raw content of a block (decompressed and, unless ``verify=False``, re-hashed).
+
+        Falls back to another copy if the first is damaged, and re-lists the index once if the block or
+        its pack is gone (another process published it, or a prune moved it, since we last looked).
+        """
+        err: StoreCorrupt | None = None
+        for attempt in range(2):
+            if attempt:
+                self.index.refresh()
+            for entry in self.index.find_all(block_id):
+                try:
+                    return self.read_entry(entry, verify)
+                except StoreCorrupt as e:
+                    err = e
+        if err is not None:
+            raise err
+        raise StoreCorrupt(f"block {block_id.hex()[:16]} is missing", path=self.path)
 
     def writer(self) -> Writer:
         """A block writer; holds the shared store lock until ``close()`` so prune waits for this backup."""
@@ -304,12 +313,12 @@ class Store:
 
     def prune(self, wait: float = 60.0) -> dict[str, int]:
         """Drop blocks no backup references; waits up to ``wait`` s for running backups. Returns counts."""
-        from mover.store import prune
+        from mover.store import prune as pruning
 
-        return prune.prune(self, wait=wait)
+        return pruning.prune(self, wait=wait)
 
     def check(self, read_data: bool = False) -> dict[str, Any]:
         """Structured report of problems (see ``mover.store.check``)."""
-        from mover.store import check
+        from mover.store import check as checking
 
-        return check.check(self, read_data=read_data)
+        return checking.check(self, read_data=read_data)

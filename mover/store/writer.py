@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import zstandard
 
+from mover.errors import StoreError
 from mover.store import fsutil, index, pack
 from mover.store.api import ZERO_ID
 
@@ -32,6 +33,7 @@ class Writer:
         self._pending: set[bytes] = set()  # ids in the open pack: bounded by pack_size / block size
         self._local = threading.local()
         self.packs_written = 0
+        self._segments: list[str] = []  # published by this writer since its last commit
         self.closed = False
 
     def _compressor(self) -> zstandard.ZstdCompressor:
@@ -84,6 +86,7 @@ class Writer:
             raise
         self._pack = None
         self.store.index.add(p.name)
+        self._segments.append(p.name)
         self._pending.clear()
         self.packs_written += 1
         log.debug("Published pack name=%s blocks=%d bytes=%d", p.name, len(p.records), p.size)
@@ -96,9 +99,30 @@ class Writer:
         self._pending.clear()
 
     def commit(self) -> None:
-        """Make every block added so far durable and visible to every process."""
+        """Make every block added so far durable and visible to every process.
+
+        The per-pack segments of this writer are then merged into one, so lookups stay one binary search
+        per backup rather than one per pack (prune merges what remains across backups).
+        """
         with self._lock:
             self._finish()
+            if len(self._segments) > 1:
+                self._merge_own()
+            self._segments.clear()
+
+    def _merge_own(self) -> None:
+        root = self.store.path
+        segs = [s for s in self.store.index.segments if s.name in set(self._segments)]
+        try:
+            name, _ = index.merge(root, segs)
+        except StoreError as e:
+            # the per-pack segments are valid on their own: merging is an optimization, not durability
+            log.warning("Cannot merge segments count=%d reason=%r", len(segs), e.reason)
+            return
+        self.store.index.add(name)
+        for s in segs:
+            fsutil.remove(s.path)  # readers that mapped it keep their map; the merged copy is published
+        self.store.index.refresh()
 
     def abort(self) -> None:
         """Drop the blocks not yet committed."""
