@@ -1,0 +1,213 @@
+"""The store on a local directory: round trips, dedup, zero blocks, incrementals, format and metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mover.errors import NotFound, StoreCorrupt, StoreError
+from mover.store import ZERO_ID, BackupInfo, Store
+from mover.store import config as cfg
+from mover.store import manifest as mf
+from mover.store.simple import backup_bytes, backup_file, restore_bytes, restore_file
+
+BS = 64 * 1024
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store.init(str(tmp_path / "store"), block_size=BS, pack_size=1 << 20)
+    yield s
+    s.close()
+
+
+def image(blocks: int, seed: int = 1) -> bytearray:
+    """Random-looking but compressible data: blocks repeat a random 4 KiB pattern of their own."""
+    rnd = random.Random(seed)
+    out = bytearray()
+    for _ in range(blocks):
+        out += rnd.randbytes(4096) * (BS // 4096 // 2) + rnd.randbytes(BS // 2)
+    return out
+
+
+def stored_bytes(store: Store) -> int:
+    return sum(f.stat().st_size for f in Path(store.path, "packs").rglob("*.pack"))
+
+
+def test_round_trip_with_short_last_block(store: Store) -> None:
+    data = image(10) + b"tail" * 100
+    info = backup_bytes(store, data)
+    assert info.id and info.size == len(data) and info.kind == "full"
+    assert restore_bytes(store, info.id) == data
+    assert store.backup(info.id).size == len(data)
+    assert [b.id for b in store.backups()] == [info.id]
+
+
+def test_zero_blocks_are_not_stored(store: Store) -> None:
+    data = image(2) + bytes(BS * 30) + image(1, seed=2)
+    info = backup_bytes(store, data)
+    m = store.load_manifest(info.id)
+    assert sum(m[i] == ZERO_ID for i in range(len(m))) == 30
+    m.close()
+    assert len(store.index) == 3
+    assert info.stats["zero"] == 30
+    assert stored_bytes(store) < 3 * BS + 4096  # only the three data blocks (compressed) plus headers
+    assert restore_bytes(store, info.id) == data
+
+
+def test_all_zero_disk_stores_nothing(store: Store) -> None:
+    info = backup_bytes(store, bytes(BS * 8))
+    assert len(store.index) == 0 and stored_bytes(store) == 0
+    assert restore_bytes(store, info.id) == bytes(BS * 8)
+
+
+def test_dedup_across_backups_and_within_one(store: Store) -> None:
+    data = image(20)
+    first = backup_bytes(store, data)
+    size1 = stored_bytes(store)
+    second = backup_bytes(store, data)
+    assert stored_bytes(store) == size1
+    assert second.stats["stored"] == 0 and second.stats["duplicate"] == 20
+    same = image(1) * 5  # five copies of one block
+    third = backup_bytes(store, same)
+    assert third.stats["stored"] == 0
+    assert restore_bytes(store, first.id) == data and restore_bytes(store, third.id) == same
+
+
+def test_incremental_is_a_full_manifest(store: Store) -> None:
+    data = image(16)
+    full = backup_bytes(store, data)
+    changed = bytearray(data)
+    changed[3 * BS : 4 * BS] = image(1, seed=99)
+    # an incremental as --changed does it: start from the base manifest, set only the changed block
+    w = store.writer()
+    m = store.new_manifest(len(changed), base=full.id)
+    bid = store.block_id(changed[3 * BS : 4 * BS])
+    assert w.add(bid, changed[3 * BS : 4 * BS]) > 0
+    m[3] = bid
+    w.commit()
+    inc = store.save_backup(BackupInfo(id="", size=len(changed), block_size=BS, created=0.0, base=full.id,
+                                       kind="incremental"), m)
+    m.close()
+    store.delete_backup(full.id)  # the incremental does not need its base
+    store.prune()
+    assert restore_bytes(store, inc.id) == changed
+    assert store.check(read_data=True)["ok"]
+
+
+def test_incremental_of_a_grown_disk(store: Store) -> None:
+    full = backup_bytes(store, image(4))
+    m = store.new_manifest(8 * BS, base=full.id)
+    assert len(m) == 8 and m[5] == ZERO_ID and m[0] != ZERO_ID
+    m.close()
+
+
+def test_block_ids_are_keyed_per_store(tmp_path: Path, store: Store) -> None:
+    other = Store.init(str(tmp_path / "other"), block_size=BS)
+    data = image(1)
+    assert store.block_id(data) != other.block_id(data)
+    assert store.block_id(data) == store.block_ids(data)[0]
+    other.close()
+
+
+def test_hmac_store_round_trip(tmp_path: Path) -> None:
+    with Store.init(str(tmp_path / "h"), block_size=BS, hash="hmac-sha256") as s:
+        data = image(5)
+        info = backup_bytes(s, data)
+        assert restore_bytes(s, info.id) == data
+        assert s.check(read_data=True)["ok"]
+
+
+def test_file_round_trip_is_sparse(store: Store, tmp_path: Path) -> None:
+    src = tmp_path / "disk.raw"
+    data = image(4) + bytes(BS * 64) + image(2, seed=3)
+    src.write_bytes(data)
+    info = backup_file(store, str(src))
+    dst = tmp_path / "restored.raw"
+    restore_file(store, info.id, str(dst))
+    assert dst.read_bytes() == data
+    assert os.stat(dst).st_blocks * 512 < len(data) // 2  # the zero run is a hole
+
+
+def test_save_refuses_a_manifest_naming_unknown_blocks(store: Store) -> None:
+    m = store.new_manifest(2 * BS)
+    m[0] = b"\x01" * 32
+    with pytest.raises(StoreError, match="not in the store"):
+        store.save_backup(BackupInfo(id="", size=2 * BS, block_size=BS, created=0.0), m)
+    assert list(store.backups()) == []
+
+
+def test_aborted_writer_leaves_nothing(store: Store) -> None:
+    w = store.writer()
+    data = image(1)
+    w.add(store.block_id(data), data)
+    w.abort()
+    assert not store.has(store.block_id(data))
+    assert os.listdir(os.path.join(store.path, "tmp")) == []
+    assert stored_bytes(store) == 0
+
+
+def test_writer_merges_its_segments_on_commit(store: Store) -> None:
+    backup_bytes(store, image(40))  # 40 blocks of 64 KiB into 1 MiB packs: several packs
+    assert len(list(Path(store.path, "packs").rglob("*.pack"))) > 1
+    assert len(os.listdir(os.path.join(store.path, "index"))) == 1
+
+
+def test_unknown_backup(store: Store) -> None:
+    with pytest.raises(NotFound):
+        store.load_manifest("nope")
+    with pytest.raises(NotFound):
+        store.delete_backup("nope")
+    with pytest.raises(NotFound):
+        store.backup("../config.json")
+
+
+def test_newer_format_is_refused(store: Store) -> None:
+    path = os.path.join(store.path, "config.json")
+    raw = json.loads(Path(path).read_text())
+    raw["version"] = cfg.FORMAT_VERSION + 1
+    Path(path).write_text(json.dumps(raw))
+    with pytest.raises(StoreError, match="newer than this Ferry supports"):
+        Store.open(store.path)
+
+
+def test_not_a_store(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="not a Ferry store"):
+        Store.open(str(tmp_path))
+    with pytest.raises(StoreError, match="already exists"):
+        Store.init(str(tmp_path / "s")).close()
+        Store.init(str(tmp_path / "s"))
+
+
+def test_open_create_is_idempotent(tmp_path: Path) -> None:
+    a = Store.open(str(tmp_path / "s"), create=True, block_size=BS)
+    b = Store.open(str(tmp_path / "s"), create=True)
+    assert a.config.id == b.config.id and b.block_size == BS
+    a.close()
+    b.close()
+
+
+def test_bad_block_size_refused(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="power of two"):
+        Store.init(str(tmp_path / "s"), block_size=100_000)
+
+
+def test_key_is_private(store: Store) -> None:
+    assert os.stat(os.path.join(store.path, "key")).st_mode & 0o077 == 0
+
+
+def test_corrupt_manifest_detected(store: Store) -> None:
+    info = backup_bytes(store, image(3))
+    path = os.path.join(store.path, "backups", info.id, mf.MANIFEST_FILE)
+    raw = bytearray(Path(path).read_bytes())
+    raw[mf.HEADER.size + 5] ^= 1
+    Path(path).write_bytes(raw)
+    with pytest.raises(StoreCorrupt, match="checksum"):
+        store.load_manifest(info.id)
+    report = store.check()
+    assert not report["ok"] and report["broken_backups"][0]["id"] == info.id
