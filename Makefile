@@ -21,7 +21,7 @@ unit: setup
 test: lint unit
 
 bench: setup
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(if $(QUICK),--quick) $(if $(JSON),--json $(JSON)) $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info mover/_kernels*.so ext/*.c
