@@ -40,7 +40,7 @@ def pack_path(root: str, name: str) -> str:
     return os.path.join(root, PACK_DIR, name[:2], f"{name}.pack")
 
 
-def checksum(data: bytes | memoryview) -> int:
+def checksum(data: bytes | bytearray | memoryview) -> int:
     """The per-record checksum: catches torn or flipped bytes without needing the store key."""
     return xxhash.xxh32_intdigest(data)
 
@@ -72,7 +72,7 @@ class PackWriter:
             raise fsutil.store_error(e, root, "cannot create pack") from e
         self.size = HEADER.size
 
-    def append(self, block_id: bytes, stored: bytes | memoryview, raw_len: int, flags: int) -> Record:
+    def append(self, block_id: bytes, stored: bytes | bytearray | memoryview, raw_len: int, flags: int) -> Record:
         """Append one record; raises ``StoreFull``/``StoreError`` (the pack is then unusable)."""
         assert self._fd is not None
         rec = Record(block_id, self.size, len(stored), raw_len, flags)

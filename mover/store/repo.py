@@ -104,11 +104,11 @@ class Store:
 
     # --- block ids and blocks -----------------------------------------------------------------------
 
-    def block_id(self, data: bytes | memoryview) -> bytes:
+    def block_id(self, data: bytes | bytearray | memoryview) -> bytes:
         """The keyed id of one block (``ZERO_ID`` is never returned for data: zeros are the caller's test)."""
         return kernels.block_ids(self.config.hash, self._key, data, max(len(data), 1))
 
-    def block_ids(self, data: bytes | memoryview, zero: bytes | bytearray | None = None) -> list[bytes]:
+    def block_ids(self, data: bytes | bytearray | memoryview, zero: bytes | bytearray | None = None) -> list[bytes]:
         """Ids of the consecutive blocks of ``data``; ``ZERO_ID`` where ``zero[i]`` is set."""
         raw = kernels.block_ids(self.config.hash, self._key, data, self.block_size, zero)
         return [raw[i : i + 32] for i in range(0, len(raw), 32)]

@@ -43,14 +43,14 @@ class Writer:
             c = self._local.cctx = zstandard.ZstdCompressor(level=self.store.config.zstd_level)
         return c
 
-    def add(self, block_id: bytes, data: bytes | memoryview) -> int:
+    def add(self, block_id: bytes, data: bytes | bytearray | memoryview) -> int:
         """Store ``data`` under ``block_id`` unless the store has it; returns the bytes written (0 if not)."""
         if self.closed:
             raise ValueError("writer is closed")
         if block_id == ZERO_ID or block_id in self._pending or self.store.has(block_id):
             return 0
         raw_len = len(data)
-        stored: bytes | memoryview = self._compressor().compress(data)
+        stored: bytes | bytearray | memoryview = self._compressor().compress(data)
         flags = pack.FLAG_ZSTD
         if len(stored) >= raw_len:
             stored, flags = data, 0  # incompressible: keep it raw and skip decompression on restore
