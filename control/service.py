@@ -1,0 +1,323 @@
+"""The control plane process, and the client side of its triggers.
+
+``ControlPlane`` connects to NATS (``mover.bus``), serves ``ferry.trigger.backup`` and ``ferry.trigger.restore``
+(request-reply: the reply carries the backup or restore id at once; the flow then runs in a thread),
+publishes jobs for the movers and control events, and collects results and progress. It is the
+``Dispatcher`` of the flows: they are synchronous and call in from their threads.
+
+Results are read from a subscription and, every few seconds, from the events stream (``last_result``), so a
+result published while this process was reconnecting (NATS restarted) is not lost.
+
+The client helpers at the end (``trigger_backup``, ``watch``) are what ``ferry backup`` and ``ferry restore``
+use: the CLI is itself a client of the triggers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from typing import Any
+
+from control.catalog import Catalog, Engine
+from control.config import Config
+from control.errors import FerryError, UsageError
+from control.flows.backup import BackupFlow, BackupRequest
+from control.flows.base import Flow
+from control.flows.restore import RestoreFlow, RestoreRequest
+from mover import bus as mbus
+from mover import jobs
+from mover.jobs import ExportJob, JobProgress, JobResult, RestoreJob
+
+log = logging.getLogger(__name__)
+
+# How often pending results are also looked up in the stream (covers a reconnect gap); cheap, one request.
+RESULT_POLL = 3.0
+QUEUE_GROUP = "ferry-control"  # several control planes may run: each trigger is served once
+# Extra fields the control plane accepts on ferry.trigger.backup beyond mover.jobs.BackupTrigger.
+BACKUP_EXTRAS = ("exclude", "method", "freeze", "engine")
+
+
+def bus_options(cfg: Config, url: str, name: str) -> mbus.BusOptions:
+    o = cfg.nats.options()
+    return mbus.BusOptions(url=url, name=name, user=o.get("user"), password=o.get("password"),
+                           token=o.get("token"), creds_file=o.get("creds"), tls_ca=o.get("tls_ca"),
+                           tls_cert=o.get("tls_cert"), tls_key=o.get("tls_key"))
+
+
+class ControlPlane:
+    """Serves triggers, runs flows, and dispatches their jobs over NATS."""
+
+    def __init__(self, cfg: Config, catalog: Catalog, options: mbus.BusOptions) -> None:
+        self.cfg = cfg
+        self.catalog = catalog
+        self.options = options
+        self.bus: mbus.Bus | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._results: dict[str, asyncio.Future[JobResult]] = {}
+        self._progress: dict[str, Callable[[JobProgress], None]] = {}
+        self._flows: dict[str, asyncio.Task[None]] = {}
+        self._subs: list[Any] = []
+        self.stopped = asyncio.Event()
+
+    # lifecycle
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.bus = await mbus.connect(self.options)
+        await self.bus.ensure_streams()
+        nc = self.bus.nc
+        self._subs = [
+            await nc.subscribe(f"{jobs.EVENTS_PREFIX}.result.*", cb=self._on_result),
+            await nc.subscribe(f"{jobs.EVENTS_PREFIX}.progress.*", cb=self._on_progress),
+            await nc.subscribe(jobs.TRIGGER_BACKUP, queue=QUEUE_GROUP, cb=self._on_trigger_backup),
+            await nc.subscribe(jobs.TRIGGER_RESTORE, queue=QUEUE_GROUP, cb=self._on_trigger_restore),
+        ]
+        await nc.flush()
+        log.info("control plane ready nats=%s store=%s", self.bus.url, self.cfg.store_url)
+
+    async def stop(self) -> None:
+        """Stop taking triggers; let running flows finish their clean-up (bounded), then disconnect."""
+        for s in self._subs:
+            with contextlib.suppress(Exception):
+                await s.unsubscribe()
+        if self._flows:
+            await asyncio.wait(list(self._flows.values()), timeout=60)
+        if self.bus is not None:
+            await self.bus.close()
+        self.stopped.set()
+
+    async def serve(self) -> None:
+        await self.start()
+        try:
+            await self.stopped.wait()
+        finally:
+            if not self.stopped.is_set():
+                await self.stop()
+
+    # triggers
+
+    async def _reply(self, msg: Any, data: dict[str, Any]) -> None:
+        if msg.reply:
+            await self.bus.nc.publish(msg.reply, json.dumps(data).encode())  # type: ignore[union-attr]
+
+    async def _on_trigger_backup(self, msg: Any) -> None:
+        try:
+            raw = json.loads(msg.data)
+            if not isinstance(raw, dict):
+                raise jobs.MalformedMessage("expected a JSON object", what="backup trigger")
+            extras = {k: raw.pop(k) for k in BACKUP_EXTRAS if k in raw}
+            trig = jobs.BackupTrigger.from_dict(raw)
+            req = BackupRequest(vm=trig.vm, mode=trig.mode, type=trig.type, method=extras.get("method"),
+                                exclude=list(extras.get("exclude") or []), freeze=bool(extras.get("freeze", True)))
+            engine = self.engine_for(trig.vm, extras.get("engine"))
+            flow = BackupFlow(req, self.catalog, engine, self, self.cfg.store_url, self.cfg.job_timeout)
+        except (FerryError, ValueError) as e:
+            await self._reply(msg, {"error": str(e)})
+            return
+        self._spawn(flow)
+        await self._reply(msg, {"backup_id": flow.id})
+
+    async def _on_trigger_restore(self, msg: Any) -> None:
+        try:
+            trig = jobs.RestoreTrigger.from_json(msg.data)
+            backup = self.catalog.backup(trig.backup_id)
+            engine = self.catalog.engine(backup.engine_id)
+            req = RestoreRequest(backup_id=backup.id, name=trig.name, cluster=trig.cluster,
+                                 storage_domain=trig.storage_domain, disks=trig.disks, start=trig.start)
+            flow = RestoreFlow(req, self.catalog, engine, self, self.cfg.job_timeout)
+        except (FerryError, ValueError) as e:
+            await self._reply(msg, {"error": str(e)})
+            return
+        self._spawn(flow)
+        await self._reply(msg, {"restore_id": flow.id})
+
+    def engine_for(self, vm: str, engine: str | None = None) -> Engine:
+        if engine:
+            return self.catalog.engine(engine)
+        engines = self.catalog.engines()
+        if not engines:
+            raise UsageError("no engine configured: run `ferry engine add URL --user U --password-file F --ca-file F`")
+        if len(engines) == 1:
+            return engines[0]
+        vm_id = self.catalog.vm_id_by_name(vm) or vm
+        for row in self.catalog._all("SELECT engine_id FROM vms WHERE id = ?", (vm_id,)):
+            return self.catalog.engine(row["engine_id"])
+        raise UsageError(f"several engines are configured and VM {vm} is not known yet: name the engine")
+
+    def _spawn(self, flow: Flow) -> None:
+        async def run() -> None:
+            try:
+                await asyncio.to_thread(flow.run)
+            except FerryError as e:
+                log.info("%s ended id=%s error=%s", flow.kind, flow.id, e)
+            except Exception:
+                log.exception("%s crashed id=%s", flow.kind, flow.id)
+            finally:
+                self._flows.pop(flow.id, None)
+
+        self._flows[flow.id] = asyncio.get_running_loop().create_task(run())
+
+    # Dispatcher (called from flow threads)
+
+    def run_jobs(self, job_list: list[ExportJob | RestoreJob], on_progress: Callable[[JobProgress], None],
+                 timeout: float) -> dict[str, JobResult]:
+        return self._call(self._run_jobs(job_list, on_progress, timeout))
+
+    def event(self, subject: str, data: dict[str, Any]) -> None:
+        if self.loop is None or self.bus is None:
+            return
+        payload = json.dumps({**data, "time": time.time()}, default=str).encode()
+        fut = asyncio.run_coroutine_threadsafe(self.bus.publish_event(subject, payload), self.loop)
+        fut.add_done_callback(_log_event_error(subject))
+
+    def _call(self, coro: Awaitable[Any]) -> Any:
+        assert self.loop is not None
+        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+        return fut.result()
+
+    async def _run_jobs(self, job_list: list[ExportJob | RestoreJob], on_progress: Callable[[JobProgress], None],
+                        timeout: float) -> dict[str, JobResult]:
+        assert self.bus is not None
+        loop = asyncio.get_running_loop()
+        for j in job_list:
+            self._results[j.job_id] = loop.create_future()
+            self._progress[j.job_id] = on_progress
+        try:
+            for j in job_list:
+                await self._publish_retrying(j)
+            deadline = time.monotonic() + timeout
+            pending = {j.job_id for j in job_list}
+            out: dict[str, JobResult] = {}
+            while pending and time.monotonic() < deadline:
+                futs = [self._results[i] for i in pending]
+                await asyncio.wait(futs, timeout=RESULT_POLL)
+                for i in list(pending):
+                    f = self._results[i]
+                    r = f.result() if f.done() else await self._last_result(i)
+                    if r is not None:
+                        out[i] = r
+                        pending.discard(i)
+            return out
+        finally:
+            for j in job_list:
+                self._results.pop(j.job_id, None)
+                self._progress.pop(j.job_id, None)
+
+    async def _publish_retrying(self, job: ExportJob | RestoreJob) -> None:
+        """Publish a job; NATS may be restarting, and the Msg-Id makes a repeat harmless."""
+        assert self.bus is not None
+        delay = 0.5
+        for attempt in range(20):
+            try:
+                await self.bus.publish_job(job, jobs.job_subject(job.capability))
+                log.info("job published job=%s kind=%s", job.job_id, job.KIND)
+                return
+            except Exception as e:
+                if attempt == 19:
+                    raise mbus.BusError(f"cannot publish job {job.job_id}: {e}", url=self.bus.url) from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _last_result(self, job_id: str) -> JobResult | None:
+        assert self.bus is not None
+        try:
+            return await self.bus.last_result(job_id)
+        except Exception as e:  # NATS down for a moment: the next poll tries again
+            log.debug("result lookup failed job=%s error=%s", job_id, e)
+            return None
+
+    async def _on_result(self, msg: Any) -> None:
+        try:
+            r = JobResult.from_json(msg.data)
+        except jobs.MalformedMessage as e:
+            log.warning("malformed result subject=%s error=%s", msg.subject, e)
+            return
+        f = self._results.get(r.job_id)
+        if f is not None and not f.done():
+            f.set_result(r)
+
+    async def _on_progress(self, msg: Any) -> None:
+        try:
+            p = JobProgress.from_json(msg.data)
+        except jobs.MalformedMessage:
+            return
+        cb = self._progress.get(p.job_id)
+        if cb is not None:
+            # The callback takes a flow lock and publishes: keep it off the event loop thread.
+            self.loop.run_in_executor(None, cb, p)  # type: ignore[union-attr]
+
+
+def _log_event_error(subject: str) -> Callable[[Future[Any]], None]:
+    def done(f: Future[Any]) -> None:
+        if not f.cancelled() and f.exception() is not None:
+            log.warning("event not published subject=%s error=%s", subject, f.exception())
+    return done
+
+
+# --- the client side (ferry backup / ferry restore) ----------------------------------------------------
+
+
+async def request(bus: mbus.Bus, subject: str, data: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """Request-reply on a trigger; one clear error when no control plane answers."""
+    try:
+        msg = await bus.nc.request(subject, json.dumps(data).encode(), timeout=timeout)
+    except Exception as e:
+        if "no responders" in str(e).lower() or type(e).__name__ in ("NoRespondersError", "TimeoutError"):
+            raise UsageError(f"no control plane answered on {subject} (is `ferry up` or `ferry control` "
+                             "running?)") from None
+        raise
+    reply = json.loads(msg.data)
+    if not isinstance(reply, dict):
+        raise UsageError(f"bad reply on {subject}: {msg.data[:80]!r}")
+    if reply.get("error"):
+        raise _RemoteError(reply["error"])
+    return reply
+
+
+class _RemoteError(FerryError):
+    """An error the control plane answered with (already one line)."""
+
+    exit_code = 1
+
+
+async def watch(bus: mbus.Bus, subject: str, on_event: Callable[[dict[str, Any]], None],
+                until: tuple[str, ...] = ("succeeded", "failed"), timeout: float | None = None) -> dict[str, Any]:
+    """Follow the events of one flow until its state is in ``until``; return the last event."""
+    last: dict[str, Any] = {}
+    changed = asyncio.Event()
+
+    async def cb(msg: Any) -> None:
+        nonlocal last
+        try:
+            ev = json.loads(msg.data)
+        except ValueError:
+            return
+        if ev.get("time", 0) >= last.get("time", 0):
+            last = ev
+            on_event(ev)
+            changed.set()
+
+    sub = await bus.nc.subscribe(subject, cb=cb)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while last.get("state") not in until:
+            if deadline is not None and time.monotonic() > deadline:
+                raise UsageError(f"gave up waiting on {subject} after {timeout:.0f}s (state {last.get('state')})")
+            try:
+                m = await bus.js.get_last_msg(jobs.STREAM_EVENTS, subject)
+                await cb(m)
+            except Exception:
+                pass  # not published yet, or NATS restarting
+            changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout=2.0)
+        return last
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
