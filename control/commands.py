@@ -311,7 +311,7 @@ def _run_plane(cfg: Config, movers: int, workers: int) -> int:
         Path(cfg.store_url.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
         for _ in range(movers):
             cmd = [sys.executable, "-m", "control.cli", "mover", "--nats", url, "--store", cfg.store_url,
-                   "--capability", "imageio"]
+                   "--capability", "imageio", "--capability", "store", *_mover_nats_args(cfg)]
             if workers:
                 cmd += ["--workers", str(workers)]
             procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
@@ -333,6 +333,17 @@ def _run_plane(cfg: Config, movers: int, workers: int) -> int:
             url_file.unlink(missing_ok=True)
         cat.close()
     return 0
+
+
+def _mover_nats_args(cfg: Config) -> list[str]:
+    """The NATS credentials of the configuration, as ``ferry mover`` options (paths, never secrets)."""
+    n, out = cfg.nats, []
+    for opt, val in (("--nats-user", n.user), ("--nats-password-file", n.password_file),
+                     ("--nats-token-file", n.token_file), ("--nats-creds", n.creds_file), ("--nats-ca", n.tls_ca),
+                     ("--nats-cert", n.tls_cert), ("--nats-key", n.tls_key)):
+        if val:
+            out += [opt, val]
+    return out
 
 
 async def _serve_until_signal(plane: Any) -> None:
