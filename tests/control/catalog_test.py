@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from control.errors import NotFound
 
 
 @pytest.fixture
-def cat(tmp_path: Path) -> Catalog:
+def cat(tmp_path: Path) -> Iterator[Catalog]:
     c = Catalog(tmp_path / "catalog.sqlite")
     yield c
     c.close()
