@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import ovirtsdk4 as sdk
 import ovirtsdk4.types as types
@@ -32,6 +32,7 @@ _USER_RE = re.compile(r"^[^@\s]+@[^@\s]+$")
 # Seconds between polls of an entity whose state we wait for: short first, since the lab answers in
 # milliseconds, growing so that a real engine is not hammered during a minutes-long snapshot.
 _POLL_FIRST, _POLL_MAX = 0.1, 2.0
+_CURL_RE = re.compile(r"\((\d+), '([^']*)'\)")
 
 
 def validate_user(user: str) -> str:
@@ -90,7 +91,7 @@ class EngineBase:
 
     # connection
 
-    def connect(self) -> EngineBase:
+    def connect(self) -> Self:
         """Log in and check the API answers (raises AuthError, EngineUnreachable)."""
         with self._errors("login"):
             self._conn = sdk.Connection(url=self.url, username=self.user, password=self._password,
@@ -109,7 +110,7 @@ class EngineBase:
                 log.debug("engine logout failed url=%s error=%s", self.url, e)
             self._conn = None
 
-    def __enter__(self) -> EngineBase:
+    def __enter__(self) -> Self:
         return self.connect() if self._conn is None else self
 
     def __exit__(self, *exc: object) -> None:
@@ -135,6 +136,10 @@ class EngineBase:
         except pycurl.error as e:
             raise EngineUnreachable(_curl_reason(e), url=self.url) from None
         except sdk.Error as e:
+            curl = _CURL_RE.search(str(e)) if e.code is None else None
+            if curl:
+                # The SDK wraps libcurl failures (refused, DNS, TLS) in a plain Error with the curl code.
+                raise EngineUnreachable(_curl_text(int(curl.group(1)), curl.group(2)), url=self.url) from None
             if e.code == 409:
                 raise EngineConflict(f"{what}: {_short(e)}", url=self.url) from None
             if e.code == 404:
@@ -273,6 +278,10 @@ def _short(e: Exception) -> str:
 def _curl_reason(e: pycurl.error) -> str:
     code = e.args[0] if e.args else 0
     msg = e.args[1] if len(e.args) > 1 else str(e)
-    if code == 60:
+    return _curl_text(int(code), str(msg))
+
+
+def _curl_text(code: int, msg: str) -> str:
+    if code in (51, 58, 59, 60, 77, 83, 90, 91):  # certificate and TLS set-up failures
         return f"TLS certificate not trusted with the given CA file ({msg})"
-    return str(msg)
+    return msg
