@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "mover.cli",
     "mover.commands",
     "control.commands",
+    "control.demo",
     "lab.cli",
 )
 

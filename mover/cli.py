@@ -140,7 +140,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
             progress = Progress(info.size)
             with TerminalBar(f"restore {args.backup_id}", enabled=None if not args.json else False) as bar:
                 progress.listen(bar.update)
-                stats = restore(store, args.backup_id, sink, workers=args.workers, progress=progress)
+                stats = restore(store, args.backup_id, sink, workers=args.workers, progress=progress,
+                                sync=not args.no_sync)
         finally:
             sink.close()
     stats = {"backup": args.backup_id, "dest": args.dest, **stats}
@@ -190,36 +191,40 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(result)
     else:
-        _table(f"prune {args.store}", list(result), [[str(v) for v in result.values()]])
+        _table(f"prune {args.store}", ["what", "count"], [[k.replace("_", " "), str(v)] for k, v in result.items()])
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         report = store.check(read_data=args.read_data)
-    problems = _problems(report)
+    ok = bool(report.get("ok")) and not report.get("problems")
     if args.json:
         _emit_json(report)
-        if problems:
-            return StoreCorrupt.exit_code
+        return 0 if ok else StoreCorrupt.exit_code
+    what = "structure and data" if args.read_data else "structure"
+    for w in report.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
+    if ok:
+        counts = report.get("counts", {})
+        detail = ", ".join(f"{k} {v}" for k, v in counts.items()) if isinstance(counts, dict) else ""
+        print(f"store {args.store}: {what} ok" + (f" ({detail})" if detail else ""))
         return 0
-    if not problems:
-        what = "structure and data" if args.read_data else "structure"
-        print(f"store {args.store}: {what} ok")
-        return 0
-    for line in report.get("problems", [])[:50] if isinstance(report.get("problems"), list) else []:
-        print(f"  {line}", file=sys.stderr)
-    broken = report.get("broken_backups") or []
+    problems = report.get("problems", [])
+    for p in problems[:20]:
+        print(f"  {p.get('kind')}: {p.get('object')}: {p.get('detail')}", file=sys.stderr)
+    if len(problems) > 20:
+        print(f"  ... and {len(problems) - 20} more (use --json)", file=sys.stderr)
+    broken = [b.get("id", "?") if isinstance(b, dict) else str(b) for b in report.get("broken_backups", [])]
+    counts = []
+    for key in ("missing_blocks", "corrupt_blocks"):
+        if report.get(key):
+            counts.append(f"{report[key]} {key.replace('_', ' ')}")
     raise StoreCorrupt(
-        f"{problems} problem(s) found; broken backups: {', '.join(map(str, broken)) or 'none'}",
+        f"{len(problems)} problem(s)" + (f" ({', '.join(counts)})" if counts else "")
+        + f"; broken backups: {', '.join(broken) if broken else 'none'}",
         path=args.store,
     )
-
-
-def _problems(report: dict[str, Any]) -> int:
-    """How many problems a check report lists (the count, or the length of its problem list)."""
-    p = report.get("problems", 0)
-    return len(p) if isinstance(p, list | dict) else int(p or 0)
 
 
 # --- parser -------------------------------------------------------------------------------------------
@@ -266,6 +271,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--fresh", action="store_true",
                    help="DEST device already reads as zeros: skip zeroing (only for new disks)")
     p.add_argument("--workers", type=int, metavar="N", help="parallel fetch/write threads")
+    p.add_argument("--no-sync", action="store_true", help="do not fsync DEST at the end")
     p.set_defaults(func=cmd_restore)
 
     p = isub.add_parser("list", help="list the backups in a store")

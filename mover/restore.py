@@ -31,8 +31,12 @@ def restore(
     workers: int | None = None,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
+    sync: bool = True,
 ) -> dict[str, Any]:
-    """Write backup ``backup_id`` to ``sink`` bit for bit; return stats (bytes written, zero, seconds)."""
+    """Write backup ``backup_id`` to ``sink`` bit for bit; return stats (bytes written, zero, seconds).
+
+    ``sync``: flush the sink at the end (fsync), so the restore is durable when this returns.
+    """
     info = store.backup(backup_id)
     manifest = store.load_manifest(backup_id)
     bs = manifest.block_size
@@ -86,7 +90,8 @@ def restore(
     close_manifest(manifest)
     if crew.error is not None:
         raise crew.error
-    sink.flush()
+    if sync:
+        sink.flush()
     snap = progress.finish()
     stats = {"written": snap["written"], "zero": snap["zero"], "seconds": snap["seconds"], "size": size}
     log.info("Restore done backup=%s written=%d zero=%d seconds=%.3f",
