@@ -14,6 +14,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Callable
 
 import xxhash
 
@@ -45,6 +46,13 @@ class Manifest:
             mm = mmap.mmap(-1, nbytes)  # anonymous: zero-filled, so every entry starts as ZERO_ID
         self._mm = mm
         self.ids: memoryview = memoryview(mm)[offset : offset + nbytes] if mm is not None else memoryview(b"")
+        self.on_release: Callable[[], None] | None = None  # called once when saved or closed
+
+    def release(self) -> None:
+        """Tell the store this manifest no longer needs its blocks protected (idempotent)."""
+        cb, self.on_release = self.on_release, None
+        if cb is not None:
+            cb()
 
     def __len__(self) -> int:
         return self.count
@@ -83,6 +91,7 @@ class Manifest:
 
     def close(self) -> None:
         """Unmap now rather than at garbage collection."""
+        self.release()
         self.ids.release()
         if self._mm is not None:
             try:

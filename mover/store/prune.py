@@ -48,12 +48,13 @@ def prune(store: Store, wait: float = 60.0, rewrite_fraction: float = REWRITE_DE
     prune_lock = lock.FileLock(root, lock.PRUNE_LOCK)
     prune_lock.acquire(exclusive=True, timeout=0.0, busy="another prune is running")
     try:
-        # the store's own lock object: a shared lock this process holds is converted, not deadlocked on
-        store._store_lock.acquire(exclusive=True, timeout=wait, busy="a backup is running; try again later")
+        # a descriptor of its own: backups in flight in this very process (holds) make it wait too
+        store_lock = lock.FileLock(root, lock.STORE_LOCK)
+        store_lock.acquire(exclusive=True, timeout=wait, busy="a backup is running; try again later")
         try:
             return _prune(store, rewrite_fraction)
         finally:
-            store._store_lock.release()
+            store_lock.release()
     finally:
         prune_lock.release()
 

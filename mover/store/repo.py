@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 BACKUP_DIR = "backups"
 INFO_FILE = "info.json"
 SUBDIRS = (lock.LOCK_DIR, fsutil.TMP_DIR, pack.PACK_DIR, index.INDEX_DIR, BACKUP_DIR)
+LOCK_WAIT = 600.0  # a backup waits this long for a running prune before giving up with StoreLocked
 MAX_OPEN_PACKS = 64  # descriptors kept open for reads: restores touch packs in order, so a few suffice
 
 
@@ -47,6 +48,7 @@ class Store:
         self._key = key
         self.index = index.Index(path)
         self._store_lock = lock.FileLock(path, lock.STORE_LOCK)
+        self._holds = 0  # backups in flight in this process (manifests from new_manifest, open writers)
         self._lock = threading.Lock()
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._local = threading.local()
@@ -100,6 +102,7 @@ class Store:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            self._holds = 0
         self._store_lock.release()
 
     # --- block ids and blocks -----------------------------------------------------------------------
@@ -190,31 +193,52 @@ class Store:
         raise StoreCorrupt(f"block {block_id.hex()[:16]} is missing", path=self.path)
 
     def writer(self) -> Writer:
-        """A block writer; holds the shared store lock until ``close()`` so prune waits for this backup."""
-        self.lock_shared()
+        """A block writer; from its first block until commit or abort it holds the shared store lock."""
         return Writer(self)
 
-    def lock_shared(self) -> None:
-        """Take the shared store lock (idempotent): prune waits until this process closes the store."""
+    def hold(self) -> None:
+        """Count one more backup in flight; the first takes the shared store lock, so prune waits.
+
+        Prune takes the lock exclusively on its own descriptor, so it also waits for holds of its own process.
+        """
         with self._lock:
-            if not self._store_lock.held:
-                self._store_lock.acquire(exclusive=False, timeout=600.0, busy="a prune is running")
+            if self._holds == 0:
+                self._store_lock.acquire(exclusive=False, timeout=LOCK_WAIT, busy="a prune is running")
+            self._holds += 1
+
+    def unhold(self) -> None:
+        """Count one backup in flight less; the last releases the shared store lock."""
+        with self._lock:
+            if self._holds <= 0:
+                return
+            self._holds -= 1
+            if self._holds == 0:
+                self._store_lock.release()
 
     # --- manifests and backups ----------------------------------------------------------------------
 
     def new_manifest(self, size: int, base: str | None = None) -> mf.Manifest:
         """An all-zero manifest for ``size`` bytes, or a copy-on-write copy of backup ``base``'s."""
-        if base is None:
-            return mf.Manifest(size, self.block_size)
-        self.lock_shared()  # the base's blocks must survive until the new backup is saved
-        m = self.load_manifest(base)
-        if m.block_size != self.block_size:
-            raise StoreCorrupt(f"backup {base} has block size {m.block_size}, store {self.block_size}",
-                               path=self.path)
-        if m.size != size:
-            r = mf.resized(m, size)
-            m.close()
-            return r
+        # The new manifest is a backup in flight until saved or closed: it holds the store lock, so no
+        # prune deletes a block it names (its base's, or one a writer deduplicated against) meanwhile.
+        self.hold()
+        try:
+            if base is None:
+                m = mf.Manifest(size, self.block_size)
+            else:
+                m = self.load_manifest(base)
+                if m.block_size != self.block_size:
+                    m.close()
+                    raise StoreCorrupt(f"backup {base} has block size {m.block_size}, store {self.block_size}",
+                                       path=self.path)
+                if m.size != size:
+                    r = mf.resized(m, size)
+                    m.close()
+                    m = r
+        except BaseException:
+            self.unhold()
+            raise
+        m.on_release = self.unhold
         return m
 
     def _backup_dir(self, backup_id: str) -> str:
@@ -223,8 +247,17 @@ class Store:
         return os.path.join(self.path, BACKUP_DIR, backup_id)
 
     def save_backup(self, info: BackupInfo, manifest: mf.Manifest) -> BackupInfo:  # type: ignore[override]
-        """Write manifest and metadata atomically, after checking every block it names is in the store."""
-        self.lock_shared()
+        """Write manifest and metadata atomically, after checking every block it names is in the store.
+
+        Once saved, the manifest no longer holds the store lock (its blocks are referenced by a backup).
+        """
+        self.hold()  # a manifest not from new_manifest is protected while it is checked and written
+        try:
+            return self._save_backup(info, manifest)
+        finally:
+            self.unhold()
+
+    def _save_backup(self, info: BackupInfo, manifest: mf.Manifest) -> BackupInfo:
         if manifest.block_size != self.block_size:
             raise StoreError(f"manifest block size {manifest.block_size} != store {self.block_size}", path=self.path)
         missing = self.missing_blocks(manifest)
@@ -250,6 +283,7 @@ class Store:
             if isinstance(e, OSError):
                 raise fsutil.store_error(e, self.path, f"cannot save backup {backup_id}") from e
             raise
+        manifest.release()
         log.info("Saved backup id=%s size=%d blocks=%d", backup_id, manifest.size, manifest.count)
         return info
 

@@ -34,6 +34,7 @@ class Writer:
         self._local = threading.local()
         self.packs_written = 0
         self._segments: list[str] = []  # published by this writer since its last commit
+        self._holding = False  # holds the shared store lock: from its first block to commit or abort
         self.closed = False
 
     def _compressor(self) -> zstandard.ZstdCompressor:
@@ -47,7 +48,14 @@ class Writer:
         """Store ``data`` under ``block_id`` unless the store has it; returns the bytes written (0 if not)."""
         if self.closed:
             raise ValueError("writer is closed")
-        if block_id == ZERO_ID or block_id in self._pending or self.store.has(block_id):
+        if block_id == ZERO_ID or block_id in self._pending:
+            return 0
+        if not self._holding:
+            with self._lock:
+                if not self._holding:
+                    self.store.hold()  # before the dedup lookup: prune must not drop what we rely on
+                    self._holding = True
+        if self.store.has(block_id):
             return 0
         raw_len = len(data)
         stored: bytes | bytearray | memoryview = self._compressor().compress(data)
@@ -109,6 +117,12 @@ class Writer:
             if len(self._segments) > 1:
                 self._merge_own()
             self._segments.clear()
+            self._unhold()
+
+    def _unhold(self) -> None:
+        if self._holding:
+            self._holding = False
+            self.store.unhold()
 
     def _merge_own(self) -> None:
         root = self.store.path
@@ -129,3 +143,4 @@ class Writer:
         with self._lock:
             self._drop()
             self.closed = True
+            self._unhold()
