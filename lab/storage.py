@@ -89,6 +89,32 @@ class Domain:
         """Block domains: the /dev/<vg>/<lv> path, present only while the LV is active."""
         return self.dev_dir / volume_id
 
+    @property
+    def mount_name(self) -> str:
+        """The directory vdsm mounts the domain on under /rhev/data-center/mnt (``server:_export`` or blockSD)."""
+        if self.kind == "block":
+            return "blockSD"
+        return f"lab-nfs.localdomain:_exports_{self.name}"
+
+    def link_rhev(self, rhev_root: Path | str, pool_id: str) -> Path:
+        """Make the domain reachable as on a host; return ``<rhev_root>/mnt/<mount_name>/<sd>``.
+
+        ``rhev_root`` stands for /rhev/data-center (the lab keeps it under its own directory, never in /).
+        Both vdsm paths are linked: ``mnt/<mount>/<sd>`` and the pool's ``<pool>/<sd>``.
+        """
+        root = Path(rhev_root)
+        mnt = root / "mnt" / self.mount_name / self.id
+        pool = root / pool_id / self.id
+        for link in (mnt, pool):
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.is_symlink():
+                link.symlink_to(self.path.absolute())
+        return mnt
+
+    def host_path(self, rhev_root: Path | str, disk_id: str, volume_id: str) -> Path:
+        """The volume's path on a host: ``<rhev_root>/mnt/<mount>/<sd>/images/<disk>/<volume>``."""
+        return Path(rhev_root) / "mnt" / self.mount_name / self.id / "images" / disk_id / volume_id
+
     def _meta_path(self, disk_id: str, volume_id: str) -> Path:
         if self.kind == "block":
             return self.vg_dir / f"{volume_id}.meta"

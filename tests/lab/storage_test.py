@@ -155,3 +155,21 @@ def test_bad_input(domain: Domain) -> None:
         domain.merge(disk, v)
     with pytest.raises(LabError, match="unknown storage domain kind"):
         Domain(domain.root, _id(), "x", "tape")
+
+
+def test_rhev_paths(domain: Domain, tmp_path: Path) -> None:
+    disk, vol = _id(), _id()
+    domain.create_volume(disk, vol, MiB, "cow")
+    rhev = tmp_path / "rhev" / "data-center"
+    pool = _id()
+    mnt = domain.link_rhev(rhev, pool)
+    assert mnt.parent.name == ("blockSD" if domain.kind == "block" else f"lab-nfs.localdomain:_exports_{domain.name}")
+    host = domain.host_path(rhev, disk, vol)
+    assert host.read_bytes() == domain.volume_path(disk, vol).read_bytes()
+    assert (rhev / pool / domain.id / "images" / disk / vol).exists()
+    # The chain resolves through the host path too (relative backing names).
+    top = _id()
+    domain.add_layer(disk, vol, top)
+    chain = qemu.info(domain.host_path(rhev, disk, top), chain=True)
+    assert [Path(i["filename"]).name for i in chain] == [top, vol]
+    assert domain.link_rhev(rhev, pool) == mnt
