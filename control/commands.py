@@ -93,6 +93,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the result")
     p.set_defaults(func=cmd_restore)
 
+    from control import demo_vm
+
+    p = subparsers.add_parser("demo-vm", help="VM-level demo: lab, NATS, control plane, two movers, backup, "
+                              "incremental, restore, verify")
+    demo_vm.register_args(p)
+    p.set_defaults(func=demo_vm.cmd)
+
 
 def load_config(args: argparse.Namespace) -> Config:
     return configmod.load(args.data_dir, getattr(args, "config", None), getattr(args, "nats", None),

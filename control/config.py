@@ -76,6 +76,9 @@ class Config:
     nats: NatsConfig = field(default_factory=NatsConfig)
     # Seconds a flow waits for one disk job; a mover sends heartbeats, so this bounds a stuck job, not a slow one.
     job_timeout: float = 6 * 3600.0
+    # Seconds to wait for one engine entity (snapshot ok, transfer ready, backup ready); real engines take
+    # minutes on a loaded storage domain, so the default is generous; tests lower it.
+    engine_timeout: float = 600.0
 
     @property
     def catalog_path(self) -> Path:
@@ -140,6 +143,7 @@ def load(data_dir: str | os.PathLike[str] | None = None, config_file: str | None
     if nats_url:
         nats.url = nats_url
     cfg = Config(data_dir=root.absolute(), store=store or str(conf.get("store") or ""), nats=nats)
-    if "job_timeout" in conf:
-        cfg.job_timeout = float(conf["job_timeout"])
+    for key in ("job_timeout", "engine_timeout"):
+        if key in conf:
+            setattr(cfg, key, float(conf[key]))
     return cfg

@@ -25,8 +25,9 @@ from typing import Any
 
 from control.catalog import Catalog, Engine
 from control.config import Config
+from control.engine import EngineClient
 from control.errors import FerryError, UsageError
-from control.flows.backup import BackupFlow, BackupRequest
+from control.flows.backup import BackupFlow, BackupRequest, default_client
 from control.flows.base import Flow
 from control.flows.restore import RestoreFlow, RestoreRequest
 from mover import bus as mbus
@@ -115,7 +116,8 @@ class ControlPlane:
             req = BackupRequest(vm=trig.vm, mode=trig.mode, type=trig.type, method=extras.get("method"),
                                 exclude=list(extras.get("exclude") or []), freeze=bool(extras.get("freeze", True)))
             engine = self.engine_for(trig.vm, extras.get("engine"))
-            flow = BackupFlow(req, self.catalog, engine, self, self.cfg.store_url, self.cfg.job_timeout)
+            flow = BackupFlow(req, self.catalog, engine, self, self.cfg.store_url, self.cfg.job_timeout,
+                              client_factory=self._client)
         except (FerryError, ValueError) as e:
             await self._reply(msg, {"error": str(e)})
             return
@@ -129,12 +131,15 @@ class ControlPlane:
             engine = self.catalog.engine(backup.engine_id)
             req = RestoreRequest(backup_id=backup.id, name=trig.name, cluster=trig.cluster,
                                  storage_domain=trig.storage_domain, disks=trig.disks, start=trig.start)
-            flow = RestoreFlow(req, self.catalog, engine, self, self.cfg.job_timeout)
+            flow = RestoreFlow(req, self.catalog, engine, self, self.cfg.job_timeout, client_factory=self._client)
         except (FerryError, ValueError) as e:
             await self._reply(msg, {"error": str(e)})
             return
         self._spawn(flow)
         await self._reply(msg, {"restore_id": flow.id})
+
+    def _client(self, engine: Engine) -> EngineClient:
+        return default_client(engine, timeout=self.cfg.engine_timeout)
 
     def engine_for(self, vm: str, engine: str | None = None) -> Engine:
         if engine:

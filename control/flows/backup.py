@@ -51,8 +51,8 @@ class BackupRequest:
 ClientFactory = Callable[[Engine], EngineClient]
 
 
-def default_client(engine: Engine) -> EngineClient:
-    return EngineClient(engine.url, engine.user, engine.password(), engine.ca_file)
+def default_client(engine: Engine, timeout: float = 600.0) -> EngineClient:
+    return EngineClient(engine.url, engine.user, engine.password(), engine.ca_file, timeout=timeout)
 
 
 class BackupFlow(Flow):
