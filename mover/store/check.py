@@ -144,6 +144,7 @@ def check(store: Store, read_data: bool = False) -> dict[str, Any]:
         "broken_backups": broken,
         "warnings": warnings,
     }
+    idx.close()
     log.info("Checked store path=%s ok=%s problems=%d broken_backups=%d", root, report["ok"], len(problems),
              len(broken))
     return report

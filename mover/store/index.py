@@ -115,6 +115,13 @@ class Segment:
         self.packs = [self._mm[HEADER.size + i * PACK_NAME : HEADER.size + (i + 1) * PACK_NAME].hex()
                       for i in range(npacks)]
 
+    def close(self) -> None:
+        """Unmap (a mapped file keeps its filesystem busy: umount fails while any is mapped)."""
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # a view is still in use; the map goes with it
+
     @property
     def buffer(self) -> mmap.mmap:
         return self._mm
@@ -143,6 +150,7 @@ class Index:
         self._lock = threading.Lock()
         self._segments: tuple[Segment, ...] = ()
         self.bad: dict[str, str] = {}  # segment name -> why it could not be used
+        self._bad_stat: dict[str, tuple[int, int, int]] = {}  # retried once the file changes (repair)
         self.refresh()
 
     def names(self) -> list[str]:
@@ -159,13 +167,19 @@ class Index:
             segments = []
             for name in self.names():
                 seg = have.get(name)
-                if seg is None and name not in self.bad:
+                if seg is None:
                     try:
+                        st = os.stat(segment_path(self.root, name))
+                        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+                        if self._bad_stat.get(name) == sig:
+                            continue
                         seg = Segment(self.root, name)
+                        self.bad.pop(name, None)
                     except FileNotFoundError:
                         continue  # removed by a compaction between listdir and open
                     except StoreCorrupt as e:
                         self.bad[name] = e.reason
+                        self._bad_stat[name] = sig
                         log.warning("Unusable index segment name=%s reason=%r", name, e.reason)
                         continue
                 if seg is not None:
@@ -178,6 +192,13 @@ class Index:
         seg = Segment(self.root, name)
         with self._lock:
             self._segments = tuple(sorted((*self._segments, seg), key=lambda s: s.name))
+
+    def close(self) -> None:
+        """Unmap every segment; the index is empty until the next ``refresh``."""
+        with self._lock:
+            segments, self._segments = self._segments, ()
+        for seg in segments:
+            seg.close()
 
     @property
     def segments(self) -> tuple[Segment, ...]:

@@ -185,6 +185,7 @@ def _prune(store: Store, rewrite_fraction: float) -> dict[str, int]:
             shutil.rmtree(path, ignore_errors=True)
         else:
             fsutil.remove(path)
+    idx.close()
     store.index.refresh()
     dead_blocks = sum(f.count(0) for f in live)
     result = {

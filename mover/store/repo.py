@@ -104,6 +104,7 @@ class Store:
             self._fds.clear()
             self._holds = 0
         self._store_lock.release()
+        self.index.close()
 
     # --- block ids and blocks -----------------------------------------------------------------------
 
@@ -350,6 +351,12 @@ class Store:
         from mover.store import prune as pruning
 
         return pruning.prune(self, wait=wait)
+
+    def repair(self, wait: float = 60.0) -> dict[str, int]:
+        """Rebuild the index of packs that no valid segment covers (see ``mover.store.repair``)."""
+        from mover.store import repair as repairing
+
+        return repairing.repair(self, wait=wait)
 
     def check(self, read_data: bool = False) -> dict[str, Any]:
         """Structured report of problems (see ``mover.store.check``)."""
