@@ -173,3 +173,33 @@ def test_rhev_paths(domain: Domain, tmp_path: Path) -> None:
     chain = qemu.info(domain.host_path(rhev, disk, top), chain=True)
     assert [Path(i["filename"]).name for i in chain] == [top, vol]
     assert domain.link_rhev(rhev, pool) == mnt
+
+
+def test_live_backup_with_transient_layer(tmp_path: Path) -> None:
+    """The point-in-time recipe of lab/README.md: the guest keeps writing while the backup reads a frozen top."""
+    from lab import guest
+    from lab.imageio import NbdExport
+
+    dom = Domain(tmp_path / "mnt", _id(), "nfs1", "file")
+    disk, top, tmp = _id(), _id(), _id()
+    dom.create_volume(disk, top, 8 * MiB, "cow")
+    dom.add_bitmap(disk, top, "cp1")
+    written = guest.write(dom.volume_path(disk, top), "qcow2", percent=10, seed=1)
+    frozen = _raw(dom.volume_path(disk, top), tmp_path / "frozen.raw")
+
+    # Backup start: the new checkpoint, then a transient layer that takes the guest's writes.
+    dom.add_bitmap(disk, top, "cp2")
+    dom.add_layer(disk, top, tmp)
+    overlay = dom.backup_overlay(disk, top, "cp1", tmp_path / "overlay.qcow2")
+    with NbdExport(overlay, "qcow2", read_only=True, bitmap="cp1") as nbd:
+        during = guest.write(dom.volume_path(disk, tmp), "qcow2", percent=5, seed=2)
+        out = tmp_path / "backup.raw"
+        qemu.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", f"nbd+unix:///?socket={nbd.socket}", str(out)])
+        assert out.read_bytes() == frozen
+    assert _dirty(overlay, "cp1") == [(int(e["start"]), int(e["length"])) for e in written]
+    overlay.unlink()
+
+    # Finalize: fold the transient layer back; the active volume id is unchanged, cp2 saw the writes.
+    assert dom.merge(disk, top) == tmp
+    assert dom.top(disk) == top
+    assert _dirty(dom.volume_path(disk, top), "cp2") == [(int(e["start"]), int(e["length"])) for e in during]
