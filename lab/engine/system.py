@@ -9,7 +9,7 @@ from ovirtsdk4 import types
 
 from lab.engine.http import HttpError, Reply, Request
 from lab.engine.search import matches
-from lab.engine.xml import action_reply, href, list_reply, new, obj_reply, read, ref, ts
+from lab.engine.xml import href, list_reply, new, obj_reply, read, ref, ts
 
 if TYPE_CHECKING:
     from lab.engine.app import Engine
@@ -101,7 +101,6 @@ def job(j: dict[str, Any]) -> types.Job:
 
 
 def register(e: Engine) -> None:
-    st = e.state
     r = e.router
 
     def root(req: Request) -> Reply:
@@ -176,4 +175,3 @@ def register(e: Engine) -> None:
     r.add("GET", "jobs", jobs)
     r.add("GET", "jobs/{id}", lambda req, id: obj_reply(job(e.state.get("jobs", id, "Job"))))
     r.add("GET", "jobs/{id}/steps", lambda req, id: list_reply([], "steps"))
-    _ = (st, action_reply)

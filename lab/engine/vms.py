@@ -134,7 +134,10 @@ def detach(e: Engine, v: dict[str, Any], did: str) -> None:
 
 def register(e: Engine) -> None:
     r = e.router
-    vms = e.state.coll  # late-bound: the state object is replaced on restart
+
+    def vms(name: str) -> dict[str, dict[str, Any]]:
+        # Looked up per call: a restarted engine has a new state object.
+        return e.state.coll(name)
 
     def get_vm(id: str) -> dict[str, Any]:
         return e.state.get("vms", id, "VM")
