@@ -60,7 +60,8 @@ class BusOptions:
     name: str = "ferry"
     connect_timeout: float = 5.0
     reconnect_wait: float = 0.5
-    max_reconnect: int = -1  # keep trying: a NATS restart must not kill a mover in the middle of a job
+    max_reconnect: int = -1  # once connected, keep trying: a NATS restart must not kill a mover mid-job
+    connect_attempts: int = 10  # at start: a mover started just before its NATS server waits for it a while
 
     @property
     def servers(self) -> list[str]:
@@ -252,7 +253,8 @@ async def connect(options: BusOptions, **callbacks: Any) -> Bus:
         "name": options.name,
         "connect_timeout": options.connect_timeout,
         "reconnect_time_wait": options.reconnect_wait,
-        "max_reconnect_attempts": options.max_reconnect,
+        # Bounded for the first connection (nats-py otherwise retries it forever), unbounded afterwards.
+        "max_reconnect_attempts": max(1, options.connect_attempts),
         "error_cb": callbacks.get("error_cb", on_error),
         "disconnected_cb": callbacks.get("disconnected_cb", on_disconnect),
         "reconnected_cb": callbacks.get("reconnected_cb", on_reconnect),
@@ -270,4 +272,5 @@ async def connect(options: BusOptions, **callbacks: Any) -> Bus:
         nc = await nats.connect(allow_reconnect=True, **kw)
     except (OSError, nats.errors.Error, TimeoutError) as e:
         raise BusError(f"cannot connect: {e or type(e).__name__}", url=options.url) from None
+    nc.options["max_reconnect_attempts"] = options.max_reconnect
     return Bus(nc, options)
