@@ -199,7 +199,7 @@ def make_image(path: Path, size: int, writes: list[tuple[int, int, int]], fmt: s
 def raw_content(image: Path, fmt: str = "qcow2") -> bytes:
     """The guest's view of an image (converted to raw in a temp file next to it)."""
     out = image.with_suffix(".content.raw")
-    qemu_img("convert", "-f", fmt, "-O", "raw", str(image), str(out))
+    qemu_img("convert", "-U", "-f", fmt, "-O", "raw", str(image), str(out))  # -U: qemu-nbd may hold it
     try:
         return out.read_bytes()
     finally:
