@@ -163,7 +163,7 @@ class Lab:
             "ca_file": str(ca.cert_path),
             "proxy_url": proxy.url,
             "proxy_vm": pv["id"],
-            "proxy_vm_by_id": str(d / "proxyvm" / "by-id"),
+            "proxy_vm_by_id": str(self.backend.proxyvm.by_id) if self.backend.proxyvm else None,
             "storage_root": str(d / "storage"),
             "storage_domains": [
                 {"id": s["id"], "name": s["name"], "kind": s["kind"], "path": str(self.backend.domains[s["id"]].path)}

@@ -16,6 +16,7 @@ from lab.engine.http import API_PREFIX, HttpError, Reply, Request, Router, Serve
 from lab.engine.sso import Sso
 from lab.engine.state import State, new_id
 from lab.engine.xml import fault_reply
+from lab.errors import LabError
 
 log = logging.getLogger("lab.engine")
 
@@ -155,7 +156,13 @@ class Engine:
             raise HttpError(404, f"Not found: {path}", "Not Found")
         handler, params = found
         with self.state.lock:
-            reply = handler(req, **params)
-            if req.method != "GET":
-                self.state.save()
+            try:
+                reply = handler(req, **params)
+            except LabError as err:
+                # A failure on the "hypervisor" (qemu, imageio, loop devices): the engine's 409 with vdsm's words.
+                log.warning("Operation failed method=%s path=%s error=%s", req.method, path, err)
+                raise HttpError(409, f"Operation failed on the host: {err}") from None
+            finally:
+                if req.method != "GET":
+                    self.state.save()
         return reply

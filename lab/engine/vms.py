@@ -94,7 +94,8 @@ def create_vm(e: Engine, name: str, cluster: str, memory: int = 2**30, cpus: int
 
 
 def attach(e: Engine, v: dict[str, Any], did: str, interface: str = "virtio_scsi", bootable: bool = False,
-           active: bool = True, read_only: bool = False, snapshot: str | None = None) -> dict[str, Any]:
+           active: bool = True, read_only: bool = False, snapshot: str | None = None,
+           created: bool = False) -> dict[str, Any]:
     """Attach a disk (or one of its snapshots) to a VM; on the proxy VM this makes a real block device."""
     d = e.state.get("disks", did, "Disk")
     if did in v["attachments"]:
@@ -102,7 +103,7 @@ def attach(e: Engine, v: dict[str, Any], did: str, interface: str = "virtio_scsi
     owner = vm_of_disk(e, did)
     if snapshot is None and owner is not None:
         raise HttpError(409, f"Cannot attach Virtual Disk. The disk is already attached to VM {owner['name']}.")
-    if d["status"] != "ok" and snapshot is None:
+    if d["status"] != "ok" and snapshot is None and not created:
         raise HttpError(409, f"Cannot attach Virtual Disk. Disk {d['name']} is locked. Please try again in a few minutes.")
     a: dict[str, Any] = {"interface": interface, "bootable": bootable, "active": active,
                          "read_only": read_only or snapshot is not None, "snapshot": snapshot}
@@ -252,14 +253,15 @@ def register(e: Engine) -> None:
             raise HttpError(400, "DiskAttachment [disk] required for add", "Incomplete parameters")
         if spec.interface is None:
             raise HttpError(400, "DiskAttachment [interface] required for add", "Incomplete parameters")
-        if spec.disk.id is None:
+        created = spec.disk.id is None
+        if created:
             # A new disk in the same request, as the engine allows.
             did = disks_mod.add_disk(e, spec.disk, req)["id"]
         else:
             did = spec.disk.id
         snap = spec.disk.snapshot.id if spec.disk.snapshot else None
         a = attach(e, v, did, spec.interface.value, bool(spec.bootable),
-                   True if spec.active is None else bool(spec.active), bool(spec.read_only), snap)
+                   True if spec.active is None else bool(spec.active), bool(spec.read_only), snap, created)
         return obj_reply(attachment_obj(id, did, a), 201)
 
     def update_att(req: Request, id: str, did: str) -> Reply:
