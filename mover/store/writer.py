@@ -24,13 +24,22 @@ log = logging.getLogger(__name__)
 
 
 class Writer:
-    """``mover.store.api.BlockWriter`` for one store. Thread-safe: compression runs in the calling thread."""
+    """``mover.store.api.BlockWriter`` for one store. Thread-safe.
+
+    Compression runs in the calling thread, appends under a short lock; a full pack is fsynced and
+    published by the thread that filled it, outside the lock, so the other threads keep appending to a
+    new pack meanwhile.
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # signalled when a publish in flight ends
         self._pack: pack.PackWriter | None = None
-        self._pending: set[bytes] = set()  # ids in the open pack: bounded by pack_size / block size
+        # ids appended but not yet visible in the index -> their pack: bounded by two packs' worth of blocks
+        self._pending: dict[bytes, str] = {}
+        self._publishing = 0
+        self._error: BaseException | None = None  # a failed publish fails the commit
         self._local = threading.local()
         self.packs_written = 0
         self._segments: list[str] = []  # published by this writer since its last commit
@@ -62,7 +71,10 @@ class Writer:
         flags = pack.FLAG_ZSTD
         if len(stored) >= raw_len:
             stored, flags = data, 0  # incompressible: keep it raw and skip decompression on restore
+        full = None
         with self._lock:
+            if self._error is not None:
+                raise self._error
             if block_id in self._pending:
                 return 0
             if self._pack is None:
@@ -72,16 +84,16 @@ class Writer:
             except BaseException:
                 self._drop()
                 raise
-            self._pending.add(block_id)
+            self._pending[block_id] = self._pack.name
             if self._pack.size >= self.store.config.pack_size:
-                self._finish()
+                full, self._pack = self._pack, None
+                self._publishing += 1
+        if full is not None:
+            self._publish(full)
         return pack.RECORD.size + len(stored)
 
-    def _finish(self) -> None:
-        """Finish the open pack: fsync, rename, publish its segment (caller holds the lock)."""
-        p = self._pack
-        if p is None:
-            return
+    def _publish(self, p: pack.PackWriter) -> None:
+        """fsync and rename pack ``p``, publish its segment (caller counted it in ``_publishing``)."""
         try:
             final = p.finish()
             try:
@@ -89,22 +101,34 @@ class Writer:
             except BaseException:
                 fsutil.remove(final)  # a pack without its segment would only be garbage
                 raise
-        except BaseException:
-            self._drop()
+            self.store.index.add(p.name)
+        except BaseException as e:
+            p.discard()
+            with self._lock:
+                self._forget(p)
+                self._error = self._error or e
+                self._publishing -= 1
+                self._idle.notify_all()
             raise
-        self._pack = None
-        self.store.index.add(p.name)
-        self._segments.append(p.name)
-        self._pending.clear()
-        self.packs_written += 1
+        with self._lock:
+            self._forget(p)  # now found through the index
+            self._segments.append(p.name)
+            self.packs_written += 1
+            self._publishing -= 1
+            self._idle.notify_all()
         log.debug("Published pack name=%s blocks=%d bytes=%d", p.name, len(p.records), p.size)
 
+    def _forget(self, p: pack.PackWriter) -> None:
+        for r in p.records:
+            if self._pending.get(r.id) == p.name:
+                del self._pending[r.id]
+
     def _drop(self) -> None:
-        """Forget the open pack after a failure: nothing of it was published, nothing else is lost."""
+        """Forget the open pack after a failure (caller holds the lock): nothing of it was published."""
         if self._pack is not None:
             self._pack.discard()
+            self._forget(self._pack)
             self._pack = None
-        self._pending.clear()
 
     def commit(self) -> None:
         """Make every block added so far durable and visible to every process.
@@ -113,20 +137,25 @@ class Writer:
         per backup rather than one per pack (prune merges what remains across backups).
         """
         with self._lock:
-            self._finish()
+            last, self._pack = self._pack, None
+            if last is not None:
+                self._publishing += 1
+        if last is not None:
+            self._publish(last)
+        with self._lock:
+            while self._publishing:
+                self._idle.wait()
+            if self._error is not None:
+                raise self._error
             if len(self._segments) > 1:
                 self._merge_own()
             self._segments.clear()
             self._unhold()
 
-    def _unhold(self) -> None:
-        if self._holding:
-            self._holding = False
-            self.store.unhold()
-
     def _merge_own(self) -> None:
         root = self.store.path
-        segs = [s for s in self.store.index.segments if s.name in set(self._segments)]
+        names = set(self._segments)
+        segs = [s for s in self.store.index.segments if s.name in names]
         try:
             name, _ = index.merge(root, segs)
         except StoreError as e:
@@ -138,8 +167,13 @@ class Writer:
             fsutil.remove(s.path)  # readers that mapped it keep their map; the merged copy is published
         self.store.index.refresh()
 
+    def _unhold(self) -> None:
+        if self._holding:
+            self._holding = False
+            self.store.unhold()
+
     def abort(self) -> None:
-        """Drop the blocks not yet committed."""
+        """Drop the blocks not yet committed (packs another thread is publishing become prune's garbage)."""
         with self._lock:
             self._drop()
             self.closed = True

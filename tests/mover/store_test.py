@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -211,3 +212,30 @@ def test_corrupt_manifest_detected(store: Store) -> None:
         store.load_manifest(info.id)
     report = store.check()
     assert not report["ok"] and report["broken_backups"][0]["id"] == info.id
+
+
+def test_threads_share_one_writer_without_duplicates(store: Store) -> None:
+    """Four threads add overlapping blocks while packs fill and publish outside the writer's lock."""
+    blocks = [image(1, seed=s) for s in range(48)]
+    ids = [store.block_id(b) for b in blocks]
+    w = store.writer()
+    errors: list[BaseException] = []
+
+    def work(offset: int) -> None:
+        try:
+            for k in range(48):
+                i = (k + offset) % 48
+                w.add(ids[i], blocks[i])
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(n * 12,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    w.commit()
+    assert not errors
+    assert w.packs_written > 1
+    assert len(store.index) == 48  # every block once, though four threads offered each
+    assert all(store.read_block(i) == b for i, b in zip(ids, blocks, strict=True))
