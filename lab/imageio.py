@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lab import procs
 from lab.errors import LabError
 from lab.pki import CA
 
@@ -63,6 +64,7 @@ class ImageioDaemon:
         self.conf_dir = self.dir / "conf"
         self.run_dir = self.dir / "run"
         self.log_path = self.dir / "daemon.log"
+        self.pid_path = self.dir / "daemon.pid"
 
     @property
     def url(self) -> str:
@@ -127,6 +129,8 @@ kwargs = {{}}
         if self.proc is not None:
             raise LabError(f"imageio daemon {self.name} already running")
         self.dir.mkdir(parents=True, exist_ok=True)
+        if procs.reap(self.pid_path, str(self.conf_dir)):
+            log.warning("Ended a stale imageio daemon name=%s", self.name)
         self._write_config()
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         out = open(self.dir / "stderr.log", "ab")
@@ -149,6 +153,7 @@ kwargs = {{}}
                 ports[m.group(1)] = int(m.group(3))
             if "Ready for requests" in text and "remote" in ports and "control" in ports:
                 self.port, self.control_port = ports["remote"], ports["control"]
+                procs.write_pid(self.pid_path, self.proc.pid)
                 log.info("Started imageio name=%s port=%d control_port=%d pid=%d",
                          self.name, self.port, self.control_port, self.proc.pid)
                 return
@@ -168,6 +173,7 @@ kwargs = {{}}
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        self.pid_path.unlink(missing_ok=True)
         log.info("Stopped imageio name=%s", self.name)
 
     @property
@@ -305,19 +311,28 @@ class NbdExport:
                     self.proc = None
                     self._cleanup()
                     raise LabError(f"qemu-nbd {self.image.name}: {lines[-1] if lines else 'exited'}")
-                if self.socket.exists():
-                    with socket.socket(socket.AF_UNIX) as s:
-                        try:
-                            s.connect(str(self.socket))
-                            log.debug("Started qemu-nbd image=%s socket=%s", self.image, self.socket)
-                            return
-                        except OSError:
-                            pass
+                if self.socket.exists() and self._greets(deadline):
+                    log.debug("Started qemu-nbd image=%s socket=%s", self.image, self.socket)
+                    return
                 time.sleep(0.02)
             self.stop()
             raise LabError(f"qemu-nbd {self.image.name}: socket not ready after 10s")
         finally:
             err.close()
+
+    def _greets(self, deadline: float) -> bool:
+        """True when qemu-nbd sends its NBD greeting.
+
+        qemu-nbd listens before it opens the image, so a socket that accepts connections proves nothing:
+        a missing or corrupt image makes it exit after that. Its greeting comes only once the image is open.
+        """
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.settimeout(max(0.1, deadline - time.monotonic()))
+                s.connect(str(self.socket))
+                return s.recv(8) == b"NBDMAGIC"
+            except OSError:
+                return False
 
     def stop(self) -> None:
         """Stop qemu-nbd and remove its socket; idempotent."""

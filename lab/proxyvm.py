@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lab import procs
 from lab.errors import LabError
 
 log = logging.getLogger("lab.proxyvm")
@@ -55,14 +56,6 @@ def _run(cmd: list[str]) -> str:
         lines = (p.stderr or p.stdout).strip().splitlines()
         raise LabError(f"{cmd[0]} failed: {lines[-1] if lines else p.returncode}")
     return p.stdout.strip()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _mounted(path: Path) -> bool:
@@ -217,7 +210,7 @@ class ProxyVM:
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
                 return
-            if proc is None and not _alive(pid):
+            if proc is None and not procs.alive(pid):
                 return
             time.sleep(0.05)
         with contextlib.suppress(ProcessLookupError):

@@ -13,17 +13,15 @@ filesystem as the lab, so a backup tool reads exactly the files the lab engine r
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import logging
-import os
 import re
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
+from lab import procs
 from lab.errors import LabError
 
 log = logging.getLogger("lab.sshd")
@@ -146,37 +144,6 @@ cmd = os.path.basename(sys.argv[0])
 '''
 
 
-def _descendants(pid: int) -> list[int]:
-    """All processes below ``pid``, from /proc (children first found, grandchildren after)."""
-    parents: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses: the fields after the last ")" are safe.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(d.name))
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        kids = parents.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie counts as gone: only its parent can reap it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -206,6 +173,7 @@ class Sshd:
         self.client_key = self.dir / "client_key"
         self.bin_dir = self.dir / "bin"
         self.log_path = self.dir / "sshd.log"
+        self.pid_path = self.dir / "sshd.pid"
 
     @property
     def host_key(self) -> str:
@@ -281,6 +249,8 @@ MaxStartups 64:30:128
 
     def _start(self) -> None:
         conf = self._prepare()
+        if procs.reap(self.pid_path, str(conf)):
+            log.warning("Ended a stale sshd name=%s", self.name)
         self.log_path.write_text("")
         self.proc = subprocess.Popen(
             [SSHD, "-D", "-f", str(conf), "-E", str(self.log_path)],
@@ -293,6 +263,7 @@ MaxStartups 64:30:128
             m = _LISTENING.search(text)
             if m:
                 self.port = int(m.group(1))
+                procs.write_pid(self.pid_path, self.proc.pid)
                 log.info("Started sshd name=%s port=%d pid=%d", self.name, self.port, self.proc.pid)
                 return
             if self.proc.poll() is not None:
@@ -314,21 +285,9 @@ MaxStartups 64:30:128
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        victims = [proc.pid, *_descendants(proc.pid)]
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in victims:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + 5
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
-            victims = [p for p in victims if _alive(p)]
-            while victims and time.monotonic() < deadline:
-                time.sleep(0.05)
-                victims = [p for p in victims if _alive(p)]
-            if not victims:
-                break
+        procs.terminate([proc.pid, *procs.descendants(proc.pid)])
         proc.wait()
+        self.pid_path.unlink(missing_ok=True)
         log.info("Stopped sshd name=%s", self.name)
 
     @property

@@ -169,3 +169,21 @@ def test_bad_ticket_and_bad_image(host: ImageioDaemon, tmp_path: Path) -> None:
     with pytest.raises(LabError, match=r"qemu-nbd missing\.qcow2"):
         NbdExport(tmp_path / "missing.qcow2", "qcow2")
     assert os.listdir(tmp_path) == []
+
+
+def test_restart_after_crash_ends_stale_daemon(ca: CA, tmp_path: Path) -> None:
+    from lab.procs import alive
+
+    first = ImageioDaemon(tmp_path, "h", ca)
+    first.start()
+    assert first.proc is not None
+    stale = first.proc.pid
+    # The lab died without stopping its daemon: a new lab process starts the same host again.
+    first.proc = None
+    second = ImageioDaemon(tmp_path, "h", ca, port=first.port)
+    try:
+        second.start()
+        assert not alive(stale) and second.running and second.port == first.port
+    finally:
+        second.stop()
+    assert not second.pid_path.exists()

@@ -13,7 +13,9 @@ import asyncssh
 import pytest
 
 from lab import qemu
-from lab.sshd import Sshd, _alive, _descendants
+from lab.procs import alive as _alive
+from lab.procs import descendants as _descendants
+from lab.sshd import Sshd
 from lab.storage import Domain
 
 MiB = 1024**2
@@ -123,3 +125,18 @@ def test_stop_ends_open_sessions(tmp_path: Path) -> None:
 
     kids = asyncio.run(hold())
     assert kids and not any(_alive(k) for k in kids)
+
+
+def test_restart_after_crash_ends_stale_sshd(tmp_path: Path) -> None:
+    first = Sshd(tmp_path, "h")
+    first.start()
+    assert first.proc is not None
+    stale = first.proc.pid
+    first.proc = None
+    second = Sshd(tmp_path, "h")
+    try:
+        second.start()
+        assert not _alive(stale) and second.running
+        assert _run(second, "echo ok").stdout == b"ok\n"
+    finally:
+        second.stop()
