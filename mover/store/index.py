@@ -242,3 +242,19 @@ def merge(root: str, segments: list[Segment]) -> tuple[str, int]:
     name = uuid.uuid4().hex
     write_segment(root, name, packs, heapq.merge(*(rows(s) for s in segments)), count)
     return name, count
+
+
+# Merge segments once there are more than this many: a lookup costs one binary search per segment
+# (~1-9 us each, bench/kernels_bench.py), so 16 keeps a dedup lookup well under the ~100 us it takes
+# to hash and compress a 256 KiB block.
+COMPACT_THRESHOLD = 16
+
+
+def compaction_plan(segments: tuple[Segment, ...], threshold: int = COMPACT_THRESHOLD) -> list[Segment]:
+    """The segments to merge now (empty if few enough). The largest is left alone while it holds most
+    entries, so a big store is not rewritten whole each time a few backups add small segments."""
+    if len(segments) <= threshold:
+        return []
+    ordered = sorted(segments, key=lambda s: s.count)
+    rest = sum(s.count for s in ordered[:-1])
+    return ordered[:-1] if ordered[-1].count > rest else ordered

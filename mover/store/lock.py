@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 LOCK_DIR = "locks"
 STORE_LOCK = "store"
 PRUNE_LOCK = "prune"
+COMPACT_LOCK = "compact"  # one index compaction at a time (writers skip compacting when it is taken)
 
 
 class FileLock:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import zstandard
 
-from mover.errors import StoreError
-from mover.store import fsutil, index, pack
+from mover.errors import StoreError, StoreLocked
+from mover.store import fsutil, index, lock, pack
 from mover.store.api import ZERO_ID
 
 if TYPE_CHECKING:
@@ -150,6 +150,7 @@ class Writer:
             if len(self._segments) > 1:
                 self._merge_own()
             self._segments.clear()
+            self._compact()
             self._unhold()
 
     def _merge_own(self) -> None:
@@ -166,6 +167,37 @@ class Writer:
         for s in segs:
             fsutil.remove(s.path)  # readers that mapped it keep their map; the merged copy is published
         self.store.index.refresh()
+
+    def _compact(self) -> None:
+        """Merge the store's segments when there are too many (see ``index.compaction_plan``).
+
+        Safe beside other writers and readers: the merged segment is published before its parts are
+        removed, readers that mapped a part keep it, and an id listed twice meanwhile is harmless. A
+        compaction another process runs makes this one skip (``locks/compact``, taken without waiting).
+        """
+        plan = index.compaction_plan(self.store.index.segments)
+        if not plan:
+            return
+        compact_lock = lock.FileLock(self.store.path, lock.COMPACT_LOCK)
+        try:
+            compact_lock.acquire(exclusive=True, timeout=0.0)
+        except StoreLocked:
+            return
+        try:
+            self.store.index.refresh()
+            plan = index.compaction_plan(self.store.index.segments)
+            if not plan:
+                return
+            name, count = index.merge(self.store.path, plan)
+            self.store.index.add(name)
+            for s in plan:
+                fsutil.remove(s.path)
+            self.store.index.refresh()
+            log.info("Compacted index segments=%d entries=%d into=%s", len(plan), count, name)
+        except StoreError as e:
+            log.warning("Cannot compact the index reason=%r", e.reason)
+        finally:
+            compact_lock.release()
 
     def _unhold(self) -> None:
         if self._holding:

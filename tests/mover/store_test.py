@@ -239,3 +239,12 @@ def test_threads_share_one_writer_without_duplicates(store: Store) -> None:
     assert w.packs_written > 1
     assert len(store.index) == 48  # every block once, though four threads offered each
     assert all(store.read_block(i) == b for i, b in zip(ids, blocks, strict=True))
+
+
+def test_many_backups_keep_the_index_compact(store: Store) -> None:
+    ids = [backup_bytes(store, image(2, seed=100 + n)).id for n in range(20)]
+    assert len(store.index.segments) <= 16
+    assert len(os.listdir(os.path.join(store.path, "index"))) == len(store.index.segments)
+    assert len(store.index) == 40
+    assert restore_bytes(store, ids[0]) == image(2, seed=100)
+    assert store.check()["ok"]
