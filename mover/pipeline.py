@@ -195,8 +195,8 @@ class _Backup:
         for i in range(self.workers):
             crew.spawn(f"backup-work-{i}", self.work)
         crew.join()
-        for buf in list(self.pool.queue):
-            buf.close()
+        # The buffers are left to the garbage collector: a failed thread's traceback may still hold a view
+        # of one, and closing an mmap with views exported raises.
 
     def plan(self) -> None:
         """Queue the runs of blocks to read; set zero entries for untouched blocks of a full read."""

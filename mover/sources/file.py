@@ -17,6 +17,14 @@ log = logging.getLogger(__name__)
 MAX_READERS = 4
 
 
+def close_fd(fd: int, path: str) -> None:
+    """Close a read-only descriptor; an error there (a FUSE server gone) loses no data, so it is only logged."""
+    try:
+        os.close(fd)
+    except OSError as e:
+        log.debug("Close failed path=%r error=%s", path, e)
+
+
 def open_fd(path: str, flags: int = os.O_RDONLY) -> int:
     """Open ``path`` for reading, mapping OS errors to one-line ``SourceError``s."""
     try:
@@ -52,7 +60,7 @@ class FdReader:
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
+            close_fd(self._fd, self._path)
             self._fd = -1
 
 
@@ -110,5 +118,5 @@ class FileSource:
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
+            close_fd(self._fd, self._path)
             self._fd = -1
