@@ -210,9 +210,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 async def _backup(args: argparse.Namespace, cfg: Config) -> int:
     from control import service
-    from mover import bus as mbus
 
-    b = await mbus.connect(service.bus_options(cfg, nats_url(cfg), "ferry-cli"))
+    b = await service.client_bus(cfg, nats_url(cfg))
     try:
         ids = []
         for vm in args.vms:
@@ -258,9 +257,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 async def _restore(args: argparse.Namespace, cfg: Config) -> int:
     from control import service
-    from mover import bus as mbus
 
-    b = await mbus.connect(service.bus_options(cfg, nats_url(cfg), "ferry-cli"))
+    b = await service.client_bus(cfg, nats_url(cfg))
     try:
         req = {"backup_id": args.backup, "name": args.name, "cluster": args.cluster,
                "storage_domain": args.storage_domain, "disks": args.disk, "start": args.start}

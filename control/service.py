@@ -116,10 +116,16 @@ class ControlPlane:
             req = BackupRequest(vm=trig.vm, mode=trig.mode, type=trig.type, method=extras.get("method"),
                                 exclude=list(extras.get("exclude") or []), freeze=bool(extras.get("freeze", True)))
             engine = self.engine_for(trig.vm, extras.get("engine"))
+            # Expected failures (wrong password, unreachable engine, missing VM) answer the trigger itself,
+            # so `ferry backup` prints them as one line with the right exit code.
+            req.vm = await asyncio.to_thread(self._resolve_vm, engine, trig.vm)
             flow = BackupFlow(req, self.catalog, engine, self, self.cfg.store_url, self.cfg.job_timeout,
                               client_factory=self._client)
-        except (FerryError, ValueError) as e:
-            await self._reply(msg, {"error": str(e)})
+        except FerryError as e:
+            await self._reply(msg, {"error": str(e), "exit_code": e.exit_code})
+            return
+        except ValueError as e:
+            await self._reply(msg, {"error": f"bad trigger: {e}", "exit_code": 2})
             return
         self._spawn(flow)
         await self._reply(msg, {"backup_id": flow.id})
@@ -132,11 +138,21 @@ class ControlPlane:
             req = RestoreRequest(backup_id=backup.id, name=trig.name, cluster=trig.cluster,
                                  storage_domain=trig.storage_domain, disks=trig.disks, start=trig.start)
             flow = RestoreFlow(req, self.catalog, engine, self, self.cfg.job_timeout, client_factory=self._client)
-        except (FerryError, ValueError) as e:
-            await self._reply(msg, {"error": str(e)})
+        except FerryError as e:
+            await self._reply(msg, {"error": str(e), "exit_code": e.exit_code})
+            return
+        except ValueError as e:
+            await self._reply(msg, {"error": f"bad trigger: {e}", "exit_code": 2})
             return
         self._spawn(flow)
         await self._reply(msg, {"restore_id": flow.id})
+
+    def _resolve_vm(self, engine: Engine, vm: str) -> str:
+        """The id of VM ``vm`` (name or id) on ``engine``; NotFound, AuthError, EngineUnreachable otherwise."""
+        with self._client(engine) as c:
+            found = c.find_vm(vm)
+        self.catalog.record_vm(engine.id, found.id, found.name)
+        return str(found.id)
 
     def _client(self, engine: Engine) -> EngineClient:
         return default_client(engine, timeout=self.cfg.engine_timeout)
@@ -267,6 +283,15 @@ def _log_event_error(subject: str) -> Callable[[Future[Any]], None]:
 # --- the client side (ferry backup / ferry restore) ----------------------------------------------------
 
 
+async def client_bus(cfg: Config, url: str) -> mbus.Bus:
+    """A NATS connection for a CLI command: quiet about its own disconnect at exit."""
+
+    async def quiet() -> None:
+        log.debug("NATS disconnected (client)")
+
+    return await mbus.connect(bus_options(cfg, url, "ferry-cli"), disconnected_cb=quiet)
+
+
 async def request(bus: mbus.Bus, subject: str, data: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
     """Request-reply on a trigger; one clear error when no control plane answers."""
     try:
@@ -280,14 +305,12 @@ async def request(bus: mbus.Bus, subject: str, data: dict[str, Any], timeout: fl
     if not isinstance(reply, dict):
         raise UsageError(f"bad reply on {subject}: {msg.data[:80]!r}")
     if reply.get("error"):
-        raise _RemoteError(reply["error"])
+        raise _RemoteError(str(reply["error"]), exit_code=int(reply.get("exit_code") or 1))
     return reply
 
 
 class _RemoteError(FerryError):
-    """An error the control plane answered with (already one line)."""
-
-    exit_code = 1
+    """An error the control plane answered with (already one line, with its exit code)."""
 
 
 async def watch(bus: mbus.Bus, subject: str, on_event: Callable[[dict[str, Any]], None],

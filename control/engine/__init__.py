@@ -18,7 +18,3 @@ __all__ = ["DiskInfo", "EngineClient", "Transfer", "api_url", "validate_user"]
 
 class EngineClient(SnapshotOps, BackupOps, TransferOps, RestoreOps):
     """Connection + every engine call Ferry makes. Use as a context manager or call ``connect()``."""
-
-    def __enter__(self) -> EngineClient:
-        super().__enter__()
-        return self

@@ -132,6 +132,11 @@ class BackupFlow(Flow):
         self.vm = c.find_vm(self.req.vm)
         vm_id = self.vm.id
         self.catalog.record_vm(self.engine.id, vm_id, self.vm.name)
+        # In the catalog from the start: a backup that fails early is listed with its error too.
+        self.record = Backup(id=self.id, engine_id=self.engine.id, vm_id=vm_id, vm_name=self.vm.name,
+                             mode=self.req.mode, method=self.req.method or "auto", type=self.req.type,
+                             state=self.state, started=time.time(), store=self.store)
+        self.catalog.add_backup(self.record)
         if not self.catalog.lock_vm(vm_id, self.id):
             raise Busy(f"another backup or restore ({self.catalog.lock_owner(vm_id)}) is running", name=self.vm.name)
         self.always("unlock VM", lambda: self.catalog.unlock_vm(vm_id, self.id))
@@ -147,10 +152,7 @@ class BackupFlow(Flow):
             # The VM backups API needs 4.4+ and incremental backup enabled on every disk.
             ok = c.version() >= (4, 4) and all(d.incremental for d in self.disks)
             self.method = "checkpoint" if ok else "snapshot"
-        self.record = Backup(id=self.id, engine_id=self.engine.id, vm_id=vm_id, vm_name=self.vm.name,
-                             mode=self.req.mode, method=self.method, type=self.req.type, state=self.state,
-                             started=time.time(), store=self.store)
-        self.catalog.add_backup(self.record)
+        self.catalog.update_backup(self.id, method=self.method)
         self.ovf = c.vm_ovf(vm_id)
         chain = self.catalog.chain(vm_id, self.method) if self.req.type == "incremental" else None
         if chain:
