@@ -179,7 +179,7 @@ def tick(e: Engine) -> None:
             elif phase in ("finalizing_success", "finalizing_failure"):
                 _teardown(e, t)
                 ok = phase == "finalizing_success"
-                _finish(e, t, ok)
+                _finish(e, t, ok, t.get("why", ""))
         except Exception as err:
             log.warning("Transfer step failed transfer=%s phase=%s error=%s", t["id"][:8], phase, err)
             _teardown(e, t)
@@ -254,10 +254,12 @@ def _watch(e: Engine, t: dict[str, Any], now: float) -> None:
         st = rt.imageio.ticket(t["ticket"])
     except Exception:
         return
-    t["transferred"] = int(st.get("transferred", 0))
-    if st.get("active") or st.get("connections"):
+    t["transferred"] = int(st.get("transferred") or 0)
+    # imageio's idle_time counts from the end of the last request, with or without open connections.
+    idle = float(st.get("idle_time") or 0)
+    if st.get("active"):
         t["last_active"] = now
-    elif now - t.get("last_active", now) > t["inactivity_timeout"]:
+    elif idle > t["inactivity_timeout"] and now - t.get("last_active", 0) > t["inactivity_timeout"]:
         log.info("Transfer inactive transfer=%s timeout=%s", t["id"][:8], t["inactivity_timeout"])
         t["phase"] = "finalizing_failure"
         t["due"] = now

@@ -124,7 +124,8 @@ def test_snapshot_subset_freeze_content_merge(lab: Lab, sdk: Any, vm: Any, tmp_p
     assert len(lab.volume_paths(d0)) == 1
     assert digest(lab.volume_paths(d0)[-1], "qcow2", tmp_path) == now
     with pytest.raises(ovirtsdk4.Error, match="Active VM"):
-        snaps.snapshot_service([x for x in snaps.list() if x.snapshot_type == types.SnapshotType.ACTIVE][0].id).remove()
+        active = next(x for x in snaps.list() if x.snapshot_type == types.SnapshotType.ACTIVE)
+        snaps.snapshot_service(active.id).remove()
 
 
 def test_proxy_vm_block_device_is_snapshot(lab: Lab, sdk: Any, vm: Any, tmp_path: Path) -> None:
