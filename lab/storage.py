@@ -20,6 +20,7 @@ rebased, the child deleted; the snapshot's volume id survives.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -298,6 +299,29 @@ class Domain:
     def actual_size(self, disk_id: str, volume_id: str) -> int:
         """Bytes allocated on storage for the volume (what the engine reports as actual_size)."""
         return self.data_path(disk_id, volume_id).stat().st_blocks * 512
+
+    def resize(self, disk_id: str, volume_id: str, size: int) -> None:
+        """Extend the disk (vdsm only grows volumes): the leaf with ``qemu-img resize``, CAP in its metadata."""
+        md = self.volume_info(disk_id, volume_id)
+        if md["VOLTYPE"] != "LEAF":
+            raise LabError(f"volume {volume_id} of disk {disk_id} is not the leaf: only the active layer grows")
+        if size < int(md["CAP"]):
+            raise LabError(f"cannot shrink disk {disk_id} from {md['CAP']} to {size} bytes")
+        if size == int(md["CAP"]):
+            return
+        fmt = self.qemu_format(disk_id, volume_id)
+        qemu.run(["qemu-img", "resize", "-f", fmt, str(self.volume_path(disk_id, volume_id)), str(size)])
+        self._update_meta(disk_id, volume_id, CAP=str(size))
+
+    def usage(self) -> tuple[int, int]:
+        """(used, available) bytes, as the engine reports a storage domain: allocated by volumes, free below."""
+        used = 0
+        for disk in self.disks():
+            for vol in self.volumes(disk):
+                with contextlib.suppress(FileNotFoundError):
+                    used += self.actual_size(disk, vol)
+        st = os.statvfs(self.path)
+        return used, st.f_bavail * st.f_frsize
 
     def virtual_size(self, disk_id: str, volume_id: str) -> int:
         return int(self.volume_info(disk_id, volume_id)["CAP"])

@@ -203,3 +203,20 @@ def test_live_backup_with_transient_layer(tmp_path: Path) -> None:
     assert dom.merge(disk, top) == tmp
     assert dom.top(disk) == top
     assert _dirty(dom.volume_path(disk, top), "cp2") == [(int(e["start"]), int(e["length"])) for e in during]
+
+
+def test_resize_and_usage(domain: Domain, tmp_path: Path) -> None:
+    disk, base, top = _id(), _id(), _id()
+    domain.create_volume(disk, base, 2 * MiB, "raw")
+    domain.add_layer(disk, base, top)
+    with pytest.raises(LabError, match="not the leaf"):
+        domain.resize(disk, base, 4 * MiB)
+    domain.resize(disk, top, 4 * MiB)
+    assert domain.virtual_size(disk, top) == 4 * MiB
+    assert qemu.info(domain.volume_path(disk, top))["virtual-size"] == 4 * MiB
+    with pytest.raises(LabError, match="cannot shrink"):
+        domain.resize(disk, top, MiB)
+    used0, avail = domain.usage()
+    qemu.io(domain.volume_path(disk, top), "qcow2", ["write -P 1 3M 1M"])
+    used1, _ = domain.usage()
+    assert avail > 0 and used1 >= used0 + MiB
