@@ -71,13 +71,13 @@ def _emit_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
-def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+def _table(title: str, columns: list[str], rows: list[list[str]], header: bool = True) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify="left", show_header=header)
     for i, c in enumerate(columns):
-        left = i == 0 or c in ("type", "source", "labels", "when")
+        left = i == 0 or c in ("type", "source", "labels", "when", "")
         table.add_column(c, justify="left" if left else "right", no_wrap=c not in ("source", "labels"))
     for r in rows:
         table.add_row(*r)
@@ -124,13 +124,22 @@ def cmd_backup(args: argparse.Namespace) -> int:
         _emit_json(info_dict(info))
         return 0
     s = info.stats
-    _table(
-        f"backup {info.id}",
-        ["type", "size", "read", "zero", "duplicate", "new", "stored", "time", "rate"],
-        [[info.kind, human_size(info.size), human_size(s["read"]), human_size(s["zero"]),
-          human_size(s["duplicate"]), human_size(s["new"]), human_size(s["stored"]),
-          f"{s['seconds']:.2f}s", _rate(info.size, s["seconds"])]],
-    )
+    secs = s["seconds"]
+    # One row per figure: fits an 80-column terminal, and reads like a receipt.
+    rows = [
+        ["backup", info.id],
+        ["type", info.kind + (f" (base {info.base})" if info.base else "")],
+        ["size", human_size(info.size)],
+        ["read", human_size(s["read"])],
+        ["zero", human_size(s["zero"])],
+        ["unchanged (not read)", human_size(s.get("unchanged", 0))] if s.get("unchanged") else None,
+        ["duplicate", human_size(s["duplicate"])],
+        ["new", human_size(s["new"])],
+        ["stored (compressed)", human_size(s["stored"])],
+        ["time", f"{secs:.2f}s"],
+        ["rate (of size)", _rate(info.size, secs)],
+    ]
+    _table("backup saved", ["", ""], [r for r in rows if r], header=False)
     return 0
 
 

@@ -307,3 +307,27 @@ def test_backup_killed_midway(two_backups: TwoBackups, tmp_path: Path) -> None:
     assert c["stats"]["new"] == 0
     ferry("prune", "--store", str(t.store))
     assert ferry_json("check", "--read-data", "--store", str(t.store))["ok"] is True
+
+
+def test_ctrl_c_aborts_cleanly(two_backups: TwoBackups, tmp_path: Path) -> None:
+    t = two_backups
+    big = tmp_path / "big.img"
+    random_image(big, 160 * MiB)
+    proc = subprocess.Popen([*FERRY, "image", "backup", str(big), "--store", str(t.store), "--workers", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, "the backup finished before it could be interrupted"
+        assert time.monotonic() < deadline
+        io = Path(f"/proc/{proc.pid}/io").read_text()
+        if int(next(ln.split()[1] for ln in io.splitlines() if ln.startswith("rchar"))) > 24 * MiB:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines in (["ferry: interrupted"], ["ferry: error: cancelled: interrupted"]), err
+    assert backup_ids(t.store) == [t.a, t.b]
+    assert not any((t.store / "tmp").iterdir())  # the writer's unfinished pack was removed
+    assert ferry_json("check", "--store", str(t.store))["ok"] is True
