@@ -131,14 +131,32 @@ def _export(job: jobs.ExportJob, opts: WorkerOptions, progress: Progress, cancel
             return jobs.JobResult(job.job_id, job.KIND, True, store_backup_id=done.id, stats=done.stats)
         source = _open_source(job)
         if opts.rate_limit:
-            source = RateLimited(source, opts.rate_limit)
+            source = RateLimited(source, opts.rate_limit, cancel)
         try:
             labels = dict(job.labels) | {"job_id": job.job_id, "backup_id": job.backup_id, "disk_id": job.disk_id}
             info = pipeline.backup(store, source, base=job.base, changed=job.changed, labels=labels,
                                    progress=progress, workers=opts.threads, cancel=cancel)  # fmt: skip
         finally:
             source.close()
+        info = _first_run_wins(store, job.job_id, info)
     return jobs.JobResult(job.job_id, job.KIND, True, store_backup_id=info.id, stats=dict(info.stats))
+
+
+def _first_run_wins(store: Any, job_id: str, mine: Any) -> Any:
+    """Keep one backup per job when two runs overlapped (a redelivery while the first mover was cut off).
+
+    Every run keeps the oldest backup labelled with the job id and deletes its own if it is not that one,
+    so all runs report the same backup; the blocks they share are deduplicated, the rest go at the next prune.
+    """
+    runs = [i for i in store.backups() if i.labels.get("job_id") == job_id]
+    if not runs:
+        return mine
+    first = min(runs, key=lambda i: (i.created, i.id))
+    if first.id != mine.id:
+        log.warning("Job ran twice job=%s keeping=%s dropping=%s", job_id, first.id, mine.id)
+        with contextlib.suppress(FerryError):
+            store.delete_backup(mine.id)
+    return first
 
 
 def _restore(job: jobs.RestoreJob, opts: WorkerOptions, progress: Progress, cancel: threading.Event) -> jobs.JobResult:
@@ -158,9 +176,10 @@ def _restore(job: jobs.RestoreJob, opts: WorkerOptions, progress: Progress, canc
 class RateLimited:
     """A source whose readers together read at most ``rate`` bytes per second."""
 
-    def __init__(self, source: Any, rate: int) -> None:
+    def __init__(self, source: Any, rate: int, cancel: threading.Event | None = None) -> None:
         self._source = source
         self._rate = rate
+        self._cancel = cancel or threading.Event()
         self._lock = threading.Lock()
         self._next = time.monotonic()
 
@@ -190,8 +209,9 @@ class RateLimited:
             now = time.monotonic()
             start = max(self._next, now)
             self._next = start + n / self._rate
-        if start > now:
-            time.sleep(start - now)
+        # Sleep on the cancel event: readers queued on the limiter must not delay a cancel.
+        if start > now and self._cancel.wait(start - now):
+            raise Cancelled("cancel requested")
 
     def close(self) -> None:
         self._source.close()

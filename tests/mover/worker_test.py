@@ -340,3 +340,53 @@ def test_retryable_error_backs_off_then_dead_letters(env: Env) -> None:
             await bus.close()
 
     asyncio.run(main())
+
+
+def test_overlapping_runs_keep_one_backup(tmp_path: Path) -> None:
+    # Two runs of one job that overlapped (a mover cut off from NATS long enough for a redelivery) both
+    # saved a backup: each keeps the oldest, so they agree and only one stays.
+    from mover.store.api import BackupInfo
+    from mover.store.repo import Store
+    from mover.worker import _first_run_wins
+
+    with Store.open(str(tmp_path / "store"), create=True) as store:
+        saved = []
+        for n in range(2):
+            m = store.new_manifest(MiB)
+            info = BackupInfo(id="", size=MiB, block_size=store.block_size, created=1000.0 + n,
+                              labels={"job_id": "j1"})  # fmt: skip
+            saved.append(store.save_backup(info, m))
+        assert _first_run_wins(store, "j1", saved[1]).id == saved[0].id
+        assert _first_run_wins(store, "j1", saved[0]).id == saved[0].id
+        assert [b.id for b in store.backups()] == [saved[0].id]
+
+
+def test_sigterm_hands_the_job_back(env: Env) -> None:
+    first = env.mover("--rate-limit", str(2 * MiB))
+
+    async def main() -> None:
+        bus = await bus_for(env)
+        try:
+            job = export_job(env)
+            progress = asyncio.create_task(first_progress(bus, job.job_id, timeout=20))
+            await bus.publish_job(job)
+            await progress
+            t0 = time.monotonic()
+            first.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(first.wait, 15) == 0  # stops promptly, cleanly
+            assert time.monotonic() - t0 < 5
+            env.mover()
+            res = await bus.wait_result(job.job_id, timeout=30)
+            assert res.ok and res.attempt == 2 and str(first.pid) not in res.mover
+        finally:
+            await bus.close()
+
+    asyncio.run(main())
+    assert "Job cancelled" in env.mover_log(0)
+
+
+def test_command_line_errors() -> None:
+    from control.cli import main
+
+    assert main(["mover", "--capability", "attach"]) == 2  # needs --proxy: one line, usage exit code
+    assert main(["mover", "--workers", "0"]) == 2
