@@ -43,6 +43,10 @@ class Manifest(Protocol):
 
     def __setitem__(self, index: int, block_id: bytes) -> None: ...
 
+    def close(self) -> None:
+        """Release the manifest (its mapping, and the store lock it holds while a backup is in flight)."""
+        ...
+
 
 class BlockWriter(Protocol):
     """Appends new blocks to this process's pack files. Thread-safe."""
@@ -99,8 +103,16 @@ class StoreAPI(Protocol):
 
     def delete_backup(self, backup_id: str) -> None: ...
 
-    def prune(self) -> dict[str, int]:
-        """Drop blocks no backup references; safe while other processes back up. Returns counts."""
+    def prune(self, wait: float = 60.0) -> dict[str, int]:
+        """Drop blocks no backup references; safe while other processes back up. Returns counts.
+
+        Waits up to ``wait`` seconds for backups in flight (``StoreLocked`` after); a second prune at
+        the same time fails at once with ``StoreLocked``.
+        """
+        ...
+
+    def repair(self, wait: float = 60.0) -> dict[str, int]:
+        """Rebuild the index of packs that no valid index segment covers. Returns counts."""
         ...
 
     def check(self, read_data: bool = False) -> dict[str, Any]:
