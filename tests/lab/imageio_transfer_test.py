@@ -156,7 +156,7 @@ def test_download_disk_snapshot(lab: Lab, sdk: Any, tmp_path: Path) -> None:
 
 def test_phases_pause_resume_cancel(lab: Lab, sdk: Any, vm: Any) -> None:
     did = vm["disks"][0]
-    svc, t = start(sdk, disk=types.Disk(id=did), direction=types.ImageTransferDirection.DOWNLOAD)
+    svc, _t = start(sdk, disk=types.Disk(id=did), direction=types.ImageTransferDirection.DOWNLOAD)
     svc.pause()
     assert svc.get().phase == T.PAUSED_USER
     with pytest.raises(ovirtsdk4.Error) as e:
@@ -169,7 +169,7 @@ def test_phases_pause_resume_cancel(lab: Lab, sdk: Any, vm: Any) -> None:
         sdk.system_service().image_transfers_service().add(types.ImageTransfer(
             disk=types.Disk(id=did), direction=types.ImageTransferDirection.DOWNLOAD))
     svc.cancel()
-    t = wait_phase(svc, (T.FINISHED_FAILURE,))
+    wait_phase(svc, (T.FINISHED_FAILURE,))
     with pytest.raises(ovirtsdk4.Error) as e:
         svc.finalize()
     assert e.value.code == 409
