@@ -280,9 +280,12 @@ def check_imageio(spec: dict[str, Any], where: str) -> None:
         raise MalformedMessage(f"{where}.size must be positive, got {spec['size']}")
     if spec["format"] not in ("raw", "cow"):
         raise MalformedMessage(f"{where}.format must be 'raw' or 'cow', got {spec['format']!r}")
-    if "dirty" in spec:
-        _check(spec["dirty"], bool, f"{where}.dirty")
-    allowed = {"type", "transfer_url", "proxy_url", "ca_pem", "size", "format", "dirty", "name"}
+    for flag in ("dirty", "shallow"):
+        if flag in spec:
+            _check(spec[flag], bool, f"{where}.{flag}")
+    if spec.get("dirty") and spec.get("shallow"):
+        raise MalformedMessage(f"{where}: dirty and shallow exclude each other")
+    allowed = {"type", "transfer_url", "proxy_url", "ca_pem", "size", "format", "dirty", "shallow", "name"}
     unknown = sorted(set(spec) - allowed)
     if unknown:
         raise MalformedMessage(f"{where}: unknown field(s) {', '.join(unknown)}")
@@ -324,7 +327,9 @@ class ExportJob(Job):
 
     source (imageio): ``{"type": "imageio", "transfer_url": "https://host:54322/images/<ticket>",
     "proxy_url": "https://engine:54323/images/<ticket>" | None, "ca_pem": "-----BEGIN CERTIFICATE...",
-    "size": <virtual size>, "format": "raw" | "cow", "dirty": <read only dirty extents>}``.
+    "size": <virtual size>, "format": "raw" | "cow", "dirty": <read only dirty extents>,
+    "shallow": <the transfer serves one qcow2 layer (snapshot method): read only the clusters it holds>}``.
+    The mover reads raw transfers only (guest data); "cow" is refused with a clear error.
     ``base``: the store backup id the incremental builds on (None: full). ``changed``: the control plane
     asks for changed data only (with ``dirty`` extents or, in other modes, a list of layers).
     ``labels`` are stored with the backup; the mover adds ``job_id`` so a redelivered job finds its result.
@@ -345,8 +350,9 @@ class ExportJob(Job):
         check_token(self.backup_id, "backup_id")
         check_token(self.disk_id, "disk_id")
         _check_spec(self.source, SOURCE_TYPES, "source")
-        if self.source.get("dirty") and not self.base:
-            raise MalformedMessage("source.dirty needs a base backup")
+        for flag in ("dirty", "shallow"):
+            if self.source.get(flag) and not self.base:
+                raise MalformedMessage(f"source.{flag} needs a base backup")
 
     @property
     def capability(self) -> str:

@@ -107,9 +107,9 @@ def run_job(job: jobs.AnyJob, opts: WorkerOptions, progress: Progress, cancel: t
 
 def _open_source(job: jobs.ExportJob) -> Any:
     if job.source["type"] == "imageio":
-        from mover.sources.imageio import ImageioSource
+        from mover.sources.imageio import open_imageio
 
-        return ImageioSource(job.source, dirty=bool(job.source.get("dirty")))
+        return open_imageio(job.source)
     raise FerryError(f"source type {job.source['type']!r} is not supported by this mover")
 
 

@@ -192,6 +192,8 @@ class ImageioSource:
 
     ``spec`` is the job's source description (see ``mover.jobs.ExportJob``). ``dirty`` asks for the dirty
     extents of the backup (``/extents?context=dirty``); without it, ``extents("dirty")`` marks everything.
+    ``shallow`` (snapshot method): the transfer serves one qcow2 layer, so its holes (``"hole": true``,
+    clusters the layer does not hold) are unchanged since the base and everything else is dirty.
     """
 
     def __init__(
@@ -200,6 +202,7 @@ class ImageioSource:
         dirty: bool = False,
         max_connections: int = MAX_CONNECTIONS,
         timeout: float = TIMEOUT,
+        shallow: bool = False,
     ) -> None:
         if spec.get("format", "raw") != "raw":
             # A cow transfer hands out qcow2 bytes, not the guest's view of the disk.
@@ -208,6 +211,7 @@ class ImageioSource:
         self._ep, con, opts = open_endpoint(urls, spec.get("ca_pem"), timeout)
         self._size = int(spec["size"])
         self._dirty = dirty
+        self._shallow = shallow
         self._can_extents = bool(opts.get("extents"))
         self._max_readers = max(1, min(int(opts.get("max_readers", 1)), max_connections))
         # The connection that read OPTIONS becomes the first reader, so a one-reader server is not asked twice.
@@ -237,6 +241,11 @@ class ImageioSource:
         """Extents covering the disk; ``dirty`` marks changed ranges (all dirty unless the job asked for them)."""
         if context not in ("zero", "dirty"):
             raise SourceError(f"unknown extents context {context!r}", path=self.name)
+        if context == "dirty" and self._shallow:
+            if "shallow" not in self._extents:
+                self._extents["shallow"] = self._fetch("zero", shallow=True)
+            yield from self._extents["shallow"]
+            return
         if context == "dirty" and not self._dirty:
             # A full read: every range counts as changed, zeros still known from the zero extents.
             yield from self.extents("zero")
@@ -245,8 +254,11 @@ class ImageioSource:
             self._extents[context] = self._fetch(context)
         yield from self._extents[context]
 
-    def _fetch(self, context: str) -> list[Extent]:
+    def _fetch(self, context: str, shallow: bool = False) -> list[Extent]:
         if not self._can_extents:
+            if shallow:
+                raise SourceError("server has no extents: a shallow read cannot tell the layer's clusters",
+                                  path=self.name)  # fmt: skip
             if context == "dirty":
                 raise SourceError("server has no extents: dirty extents unavailable", path=self.name)
             return [Extent(0, self._size)]
@@ -256,7 +268,7 @@ class ImageioSource:
             items = self._ep.request_json(con, "GET", f"/extents?context={context}")
         finally:
             con.close()
-        return _parse_extents(items, context, self._size, self.name)
+        return _parse_extents(items, context, self._size, self.name, shallow)
 
     def reader(self) -> ImageioReader:
         with self._lock:
@@ -270,8 +282,12 @@ class ImageioSource:
             spare.close()
 
 
-def _parse_extents(items: Any, context: str, size: int, name: str) -> list[Extent]:
-    """Check imageio's extents answer: a list covering [0, size) in order."""
+def _parse_extents(items: Any, context: str, size: int, name: str, shallow: bool = False) -> list[Extent]:
+    """Check imageio's extents answer: a list covering [0, size) in order.
+
+    ``shallow``: zero extents of one layer, where ``hole`` marks clusters the layer does not hold: those
+    are unchanged (``dirty=False``), the rest changed.
+    """
     if not isinstance(items, list):
         raise SourceError(f"extents ({context}): expected a list", path=name)
     out: list[Extent] = []
@@ -280,7 +296,10 @@ def _parse_extents(items: Any, context: str, size: int, name: str) -> list[Exten
         try:
             start, length = int(item["start"]), int(item["length"])
             zero = bool(item.get("zero", False))
-            dirty = bool(item.get("dirty", True)) if context == "dirty" else True
+            if context == "dirty":
+                dirty = bool(item.get("dirty", True))
+            else:
+                dirty = not bool(item.get("hole", False)) if shallow else True
         except (KeyError, TypeError, ValueError):
             raise SourceError(f"extents ({context}): bad item {str(item)[:80]}", path=name) from None
         if start != pos or length <= 0:
@@ -292,6 +311,6 @@ def _parse_extents(items: Any, context: str, size: int, name: str) -> list[Exten
     return out
 
 
-def open_imageio(spec: dict[str, Any], dirty: bool = False, **options: Any) -> ImageioSource:
-    """Open an imageio source from a job's source description."""
-    return ImageioSource(spec, dirty=dirty, **options)
+def open_imageio(spec: dict[str, Any], **options: Any) -> ImageioSource:
+    """Open an imageio source from a job's source description (its ``dirty`` and ``shallow`` flags)."""
+    return ImageioSource(spec, dirty=bool(spec.get("dirty")), shallow=bool(spec.get("shallow")), **options)

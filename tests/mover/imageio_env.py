@@ -40,9 +40,16 @@ def wait_for(cond: Any, timeout: float = 10.0, what: str = "condition") -> None:
 class QemuNbd:
     """``qemu-nbd`` exporting an image on a unix socket (read-only, optionally with a dirty bitmap)."""
 
-    def __init__(self, image: Path, sock: Path, fmt: str = "qcow2", read_only: bool = True, bitmap: str | None = None):
-        cmd = ["qemu-nbd", "--persistent", "--shared=8", "--cache=none", "--aio=native", f"--format={fmt}",
+    def __init__(self, image: Path | str, sock: Path, fmt: str | None = "qcow2", read_only: bool = True,
+                 bitmap: str | None = None, allocation_depth: bool = False):
+        """``fmt=None`` with a ``json:{...}`` image string; ``allocation_depth`` exports qemu:allocation-depth
+        (imageio's ``hole`` extents), as vdsm does for transfers."""
+        cmd = ["qemu-nbd", "--persistent", "--shared=8", "--cache=none", "--aio=native",
                f"--socket={sock}", "--export-name="]  # fmt: skip
+        if fmt:
+            cmd.append(f"--format={fmt}")
+        if allocation_depth:
+            cmd.append("--allocation-depth")
         if read_only:
             cmd.append("--read-only")
         if bitmap:

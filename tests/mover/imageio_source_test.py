@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from collections.abc import Iterator
@@ -160,5 +161,26 @@ def test_wrong_ca_and_bad_ticket(tmp_path: Path, daemon: ImageioDaemon, disk: Pa
         assert not e.value.retryable
         with pytest.raises(SourceError, match="raw transfers only"):
             ImageioSource(spec(url, daemon.ca_pem, format="cow"))
+    finally:
+        nbd.close()
+
+
+def test_shallow_layer_extents(tmp_path: Path, daemon: ImageioDaemon, disk: Path) -> None:
+    # Snapshot method: the layer added since the last backup, served alone (no backing), tells which
+    # clusters changed: those it holds, written or zeroed; its holes show the (unchanged) base through.
+    layer = tmp_path / "layer.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", str(disk), "-F", "qcow2", str(layer))
+    qemu_io(layer, "qcow2", f"write -P 0x66 {2 * MiB} 65536", "write -z 0 65536")
+    image = json.dumps({"driver": "qcow2", "backing": None, "file": {"driver": "file", "filename": str(layer)}})
+    nbd = QemuNbd("json:" + image, tmp_path / "nbd.sock", fmt=None, allocation_depth=True)
+    try:
+        url = daemon.add_ticket(nbd.url, SIZE, ["read"])
+        src = ImageioSource(spec(url, daemon.ca_pem, shallow=True), shallow=True)
+        try:
+            changed = [(e.start, e.length, e.zero) for e in src.extents("dirty") if e.dirty]
+            assert changed == [(0, 65536, True), (2 * MiB, 65536, False)]
+            assert sum(e.length for e in src.extents("dirty")) == SIZE
+        finally:
+            src.close()
     finally:
         nbd.close()

@@ -76,6 +76,8 @@ def test_round_trips() -> None:
         (export().to_json().replace(b'"format":"raw"', b'"format":"vmdk"'), "format must be"),
         (export().to_json().replace(b'"type":"imageio"', b'"type":"tape"'), "source.type 'tape'"),
         (export().to_json().replace(b'"dirty":false', b'"dirty":true'), "dirty needs a base"),
+        (export().to_json().replace(b'"dirty":false', b'"dirty":false,"shallow":true'), "shallow needs a base"),
+        (export(base="b0").to_json().replace(b'"dirty":false', b'"dirty":true,"shallow":true'), "exclude"),
         (export().to_json().replace(b'"changed":false', b'"changed":"yes"'), "changed: expected true or false"),
         (export().to_json()[:-1] + b',"extra":1}', "unknown field"),
     ],
