@@ -248,3 +248,42 @@ def test_many_backups_keep_the_index_compact(store: Store) -> None:
     assert len(store.index) == 40
     assert restore_bytes(store, ids[0]) == image(2, seed=100)
     assert store.check()["ok"]
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_manifest_of_a_huge_disk_costs_only_touched_pages(store: Store) -> None:
+    before = rss()
+    m = store.new_manifest(1 << 40)  # 1 TiB: 16M entries, 512 MiB of ids at 64 KiB blocks
+    assert len(m) == (1 << 40) // BS and m[len(m) - 1] == ZERO_ID
+    m[12345] = b"\x07" * 32
+    grown = rss() - before
+    m.close()
+    assert grown < 16 << 20, grown
+
+
+def test_prune_interrupted_after_publishing_keeps_everything(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prune that dies right after its new index is published (before removing the old one)."""
+    from mover.store import fsutil
+
+    keep = backup_bytes(store, image(6, seed=40))
+    gone = backup_bytes(store, image(6, seed=41))
+    store.delete_backup(gone.id)
+
+    def crash(path: str) -> None:
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(fsutil, "remove", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.prune()
+    monkeypatch.undo()
+    fresh = Store.open(store.path)
+    report = fresh.check(read_data=True)
+    assert report["ok"], report
+    assert restore_bytes(fresh, keep.id) == image(6, seed=40)
+    fresh.prune()
+    assert len(fresh.index) == 6 and fresh.check(read_data=True)["warnings"] == []
+    fresh.close()
