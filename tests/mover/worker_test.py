@@ -273,6 +273,10 @@ def test_nats_restart_mid_job(env: Env) -> None:
             res = await bus.wait_result(job.job_id, timeout=60)
             assert res.ok and res.attempt == 1  # the same run finished: no redelivery was needed
             assert len(store_backups(env)) == 1
+            # The mover's pull loop survived the restart: it takes the next job too.
+            again = export_job(env, disk_id="d2")
+            await bus.publish_job(again)
+            assert (await bus.wait_result(again.job_id, timeout=30)).ok
         finally:
             await bus.close()
 
