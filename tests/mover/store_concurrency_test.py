@@ -25,8 +25,9 @@ from mover.store.simple import backup_bytes, restore_bytes
 BS = 64 * 1024
 ROOT = str(Path(__file__).resolve().parents[2])
 
-# A worker: backs up a deterministic image (seeded) into the store; waits for a line on stdin between
-# adding the blocks and committing when asked to (so the parent can act while the backup is in flight).
+# A worker: backs up a deterministic image (seeded) into the store; with pause=stdin it waits for a line
+# between adding the blocks and committing (so the parent can act while the backup is in flight); with
+# pause=stream it adds new blocks forever (to be killed in the middle of writing a pack).
 WORKER = r"""
 import random, sys, time
 from mover.store import Store, BackupInfo, ZERO_ID
@@ -41,18 +42,21 @@ for i in range(blocks):
     src = common if i < shared else rnd  # the first `shared` blocks are the same in every worker
     data += src.randbytes(bs // 2) + bytes(bs // 2)
 w = s.writer()
+if pause == "stream":  # add new blocks until killed: packs fill, publish, and one is always half-written
+    n = 0
+    while True:
+        block = rnd.randbytes(bs // 2) + bytes(bs // 2)
+        w.add(s.block_id(block), block)
+        n += 1
+        if n == 20:
+            print("added", flush=True)
 m = s.new_manifest(len(data))
 for i, bid in enumerate(s.block_ids(data)):
     w.add(bid, memoryview(data)[i * bs:(i + 1) * bs])
     m[i] = bid
-    if pause == "forever" and i == blocks - 1:
-        w.commit()
 print("added", flush=True)
 if pause == "stdin":
     sys.stdin.readline()
-elif pause == "forever":
-    while True:
-        time.sleep(1)
 w.commit()
 info = s.save_backup(BackupInfo(id="", size=len(data), block_size=bs, created=time.time()), m)
 s.close()
@@ -174,17 +178,21 @@ def test_two_prunes_at_once(store: Store) -> None:
 def test_sigkill_mid_backup_leaves_store_consistent(store: Store) -> None:
     before = image(11, 30, 0)
     old = backup_bytes(store, before)
-    p = start(store, 12, 200, 0, pause="forever")  # commits its packs, then hangs until killed
+    p = start(store, 12, 0, 0, pause="stream")  # writes blocks until killed
     deadline = time.monotonic() + 30
     assert p.stdout is not None
     p.stdout.readline()
-    while len(os.listdir(os.path.join(store.path, "index"))) < 2:
+    while len(os.listdir(os.path.join(store.path, "index"))) < 3:  # it has published packs of its own
         assert time.monotonic() < deadline
-        time.sleep(0.05)
+        time.sleep(0.01)
+    time.sleep(random.random() * 0.05)  # somewhere in the middle of appending to the next pack
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
+    half_written = os.listdir(os.path.join(store.path, "tmp"))
     report = store.check(read_data=True)
     assert report["ok"] and not report["broken_backups"], report
+    if half_written:  # almost always: the kill lands while a pack is being appended to
+        assert any("temporary file" in w for w in report["warnings"])
     assert restore_bytes(store, old.id) == before
     store.prune()  # the dead writer's packs hold no referenced block: gone
     report = store.check(read_data=True)
