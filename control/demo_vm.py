@@ -95,10 +95,10 @@ class Demo:
     def run(self) -> int:
         a = self.args
         size = a.disk_size * MIB
-        self.say(f"creating VM demo-vm with two {a.disk_size} MiB disks of real files (qcow2 and raw)")
+        self.say(f"creating VM demo-vm with two {a.disk_size} MiB qcow2 disks of real files")
         vm = self.lab.create_vm("demo-vm", disks=[
             {"size": size, "format": "cow", "sparse": True, "fill": a.fill, "seed": 1, "backup": "incremental"},
-            {"size": size, "format": "raw", "sparse": True, "fill": a.fill, "seed": 2, "backup": "incremental"},
+            {"size": size, "format": "cow", "sparse": True, "fill": a.fill, "seed": 2, "backup": "incremental"},
         ], guest_agent=True)
         self.wait_ready()
         self.say("full backup")

@@ -318,7 +318,8 @@ class BackupFlow(Flow):
         r = self.results.get(plan.disk.id)
         return DiskBackup(backup_id=self.id, disk_id=plan.disk.id, alias=plan.disk.alias, format=plan.disk.format,
                           size=plan.disk.size, kind=plan.kind, store_backup_id=plan.store_backup_id, state=state,
-                          note=note or plan.note, stats=dict(r.stats) if r is not None else {})
+                          note=note or plan.note,
+                          stats=dict(r.stats) | {"mover": r.mover, "attempt": r.attempt} if r is not None else {})
 
 
 def ca_pem(engine: Engine) -> str:

@@ -86,7 +86,7 @@ class RestoreFlow(Flow):
         self._last_event = now
         self.dispatcher.event(f"ferry.events.restore.{self.id}", {
             "restore_id": self.id, "backup_id": self.backup.id, "vm": self.vm_name, "vm_id": self.vm_id,
-            "state": self.state, "error": self.error, "disks": self.progress})
+            "state": self.state, "error": self.error, "disks": self.progress, "new_disks": self.new_disks})
 
     def stats(self) -> dict[str, Any]:
         total: dict[str, Any] = {"written": 0, "zero": 0}
@@ -96,6 +96,7 @@ class RestoreFlow(Flow):
                 total[k] += int(v) if isinstance(v, (int, float)) else 0
         start = self.history[0][1] if self.history else time.time()
         total["seconds"] = round(time.time() - start, 3)
+        total["disks"] = dict(self.new_disks)  # original disk id -> restored disk id
         return total
 
     def prepare(self) -> None:
@@ -192,7 +193,7 @@ class RestoreFlow(Flow):
     def commit(self) -> None:
         if self.req.start and self.vm_id is not None:
             self.client.start_vm(self.vm_id)
-        self.catalog.update_restore(self.id, vm_id=self.vm_id, stats={**self.stats(), "disks": self.new_disks})
+        self.catalog.update_restore(self.id, vm_id=self.vm_id, stats=self.stats())
 
     def finished(self, ok: bool) -> None:
         self.client.close()

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 class Plane:
     """NATS (in-test), ``ferry control`` and ``ferry mover`` processes sharing one data dir and store."""
 
-    def __init__(self, base: Path, lab: labclient.Lab, movers: int = 2, workers: int = 2) -> None:
+    def __init__(self, base: Path, lab: labclient.Lab, movers: int = 2, workers: int = 1,
+                 mover_args: tuple[str, ...] = ()) -> None:
         self.base = base
         self.lab = lab
         self.data = base / "data"
@@ -31,6 +32,7 @@ class Plane:
         (self.data / "config.json").write_text(json.dumps({"engine_timeout": 15, "job_timeout": 300}))
         self.nats = NatsServer(base / "nats")
         self.workers = workers
+        self.mover_args = mover_args
         self.control: subprocess.Popen[bytes] | None = None
         self.movers: list[subprocess.Popen[bytes]] = []
         self.nats.start()
@@ -61,9 +63,9 @@ class Plane:
             time.sleep(0.2)
         raise RuntimeError("control plane did not come up: " + (self.base / "control.log").read_text()[-2000:])
 
-    def start_mover(self, workers: int | None = None) -> subprocess.Popen[bytes]:
+    def start_mover(self, workers: int | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
         p = self._spawn(["mover", "--nats", self.nats.url, "--store", str(self.store), "--capability", "imageio",
-                         "--capability", "store", "--workers", str(workers or self.workers)],
+                         "--capability", "store", "--workers", str(workers or self.workers), *self.mover_args, *extra],
                         f"mover-{len(self.movers)}.log")
         self.movers.append(p)
         return p
