@@ -247,7 +247,9 @@ def test_many_backups_keep_the_index_compact(store: Store) -> None:
     assert len(os.listdir(os.path.join(store.path, "index"))) == len(store.index.segments)
     assert len(store.index) == 40
     assert restore_bytes(store, ids[0]) == image(2, seed=100)
-    assert store.check()["ok"]
+    report = store.check(read_data=True)
+    assert report["ok"] and report["counts"]["segments"] == len(store.index.segments)
+    assert report["counts"]["blocks"] == report["counts"]["blocks_read"] == 40
 
 
 def rss() -> int:
