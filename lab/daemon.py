@@ -148,6 +148,13 @@ class Lab:
         prev = _read_json(d / "lab.json")
         port = int(prev.get("engine_port", 0)) if prev else 0
         self.engine = Engine(d, self.backend, cert, key, ca.cert_path, {ADMIN: password}, port=port)
+        # Backups caught by the last shutdown: their temporary layers are merged back, as vdsm cleans up.
+        from lab.engine import backups
+
+        for b in self.engine.state.coll("backups").values():
+            if b["phase"] not in ("succeeded", "failed"):
+                backups.fail(self.engine, b)
+        self.engine.state.save()
         try:
             self.engine.start()
         except OSError:
@@ -217,9 +224,6 @@ def _recover(st: State) -> None:
     for t in st.coll("transfers").values():
         if not t["phase"].startswith("finished"):
             t["phase"] = "finished_failure"
-    for b in st.coll("backups").values():
-        if b["phase"] not in ("succeeded", "failed"):
-            b["phase"] = "failed"
     for dk in st.coll("disks").values():
         if dk["status"] == "locked" and not dk.get("job"):
             dk["status"] = "ok"

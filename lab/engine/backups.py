@@ -189,16 +189,31 @@ def tick(e: Engine) -> None:
                 e.state.add_event(f"Backup {b['id']} for VM {v['name']} finalized.", code=10792, vm=b["vm"])
         except Exception as err:
             log.warning("Backup step failed backup=%s phase=%s error=%s", b["id"][:8], b["phase"], err)
-            try:
-                _stop(e, b)
-            except Exception as err2:
-                log.warning("Backup clean-up failed backup=%s error=%s", b["id"][:8], err2)
-            b["phase"] = "failed"
+            fail(e, b)
             e.end_job(b.get("job"), ok=False)
             v = e.state.coll("vms").get(b["vm"], {"name": "?"})
             e.state.add_event(f"Backup {b['id']} for VM {v['name']} failed: {err}", "error", 10791, vm=b["vm"])
         b["modified"] = now
         e.dirty()
+
+
+def fail(e: Engine, b: dict[str, Any]) -> None:
+    """End a backup as failed: temporary layers merged back, its new checkpoint (bitmap and object) dropped."""
+    try:
+        _stop(e, b)
+    except Exception as err:
+        log.warning("Backup clean-up failed backup=%s error=%s", b["id"][:8], err)
+    cp = b.get("to_checkpoint")
+    if cp and b["phase"] in ("initializing", "starting"):
+        e.state.coll("checkpoints").pop(cp, None)
+        for did in b["disks"]:
+            d = e.state.coll("disks").get(did)
+            if d is not None:
+                try:
+                    e.backend.domains[d["sd"]].remove_bitmap_chain(did, d["image"], cp)
+                except Exception as err:
+                    log.warning("Dropping bitmap failed disk=%s error=%s", did[:8], err)
+    b["phase"] = "failed"
 
 
 def _start(e: Engine, b: dict[str, Any]) -> None:
