@@ -78,9 +78,9 @@ class StoreConfig:
 
 
 def save(root: str, config: StoreConfig) -> None:
-    """Write ``config.json`` atomically."""
+    """Create ``config.json`` (``FileExistsError`` if there is one): it makes the directory a store."""
     data = json.dumps(asdict(config), indent=2, sort_keys=True).encode() + b"\n"
-    fsutil.write_file(root, os.path.join(root, CONFIG_FILE), data)
+    fsutil.write_new(root, os.path.join(root, CONFIG_FILE), data)
 
 
 def load(root: str) -> StoreConfig:
@@ -105,9 +105,12 @@ def load(root: str) -> StoreConfig:
 
 
 def new_key(root: str, algorithm: str) -> bytes:
-    """Create the store's secret key file (0600) and return the key."""
+    """Create the store's secret key file (0600; ``FileExistsError`` if there is one) and return the key.
+
+    Never replaced: every block id of the store depends on it.
+    """
     key = secrets.token_bytes(kernels.KEY_SIZES[algorithm])
-    fsutil.write_file(root, os.path.join(root, KEY_FILE), key.hex().encode() + b"\n", mode=0o600)
+    fsutil.write_new(root, os.path.join(root, KEY_FILE), key.hex().encode() + b"\n", mode=0o600)
     return key
 
 

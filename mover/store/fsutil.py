@@ -82,6 +82,31 @@ def write_file(root: str, final: str, data: bytes, mode: int = 0o644) -> None:
         write_all(fd, data)
 
 
+def write_new(root: str, final: str, data: bytes, mode: int = 0o644) -> None:
+    """Create ``final`` with ``data`` only if it does not exist (``FileExistsError`` otherwise).
+
+    link(2) publishes the complete, fsynced file under its name and fails if the name is taken, so of
+    several processes creating the same file exactly one wins and no one sees it partial.
+    """
+    tmp = tmp_path(root)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, final)
+        fsync_dir(os.path.dirname(final))
+    except FileExistsError:
+        raise
+    except OSError as e:
+        raise store_error(e, root, f"cannot write {os.path.relpath(final, root)}") from e
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
 def remove(path: str) -> None:
     """Unlink ``path`` if it exists."""
     with contextlib.suppress(FileNotFoundError):

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 BACKUP_DIR = "backups"
 INFO_FILE = "info.json"
 SUBDIRS = (lock.LOCK_DIR, fsutil.TMP_DIR, pack.PACK_DIR, index.INDEX_DIR, BACKUP_DIR)
+CREATE_WAIT = 10.0  # how long open(create=True) waits for another process that is creating the store
 LOCK_WAIT = 600.0  # a backup waits this long for a running prune before giving up with StoreLocked
 MAX_OPEN_PACKS = 64  # descriptors kept open for reads: restores touch packs in order, so a few suffice
 
@@ -70,8 +71,14 @@ class Store:
                 os.makedirs(os.path.join(path, d), exist_ok=True)
         except OSError as e:
             raise fsutil.store_error(e, path, "cannot create the store") from e
-        cfg.new_key(path, hash)
-        cfg.save(path, config)  # written last: a directory without config.json is not a store yet
+        try:
+            # the key first, created exclusively: of several processes creating this store one wins,
+            # and the others must not write a config (their key would not be the store's)
+            cfg.new_key(path, hash)
+            cfg.save(path, config)  # last: a directory without config.json is not a store yet
+        except FileExistsError:
+            raise StoreError("a store already exists here (or another process is creating it)",
+                             path=path) from None
         fsutil.fsync_dir(path)
         log.info("Created store path=%s block_size=%d hash=%s", path, block_size, hash)
         return cls.open(path)
@@ -80,9 +87,15 @@ class Store:
     def open(cls, path: str, create: bool = False, **init_args: Any) -> Store:
         """Open the store in ``path``; with ``create``, make one there first if there is none."""
         path = os.path.abspath(path)
-        if create and not os.path.exists(os.path.join(path, cfg.CONFIG_FILE)):
-            with contextlib.suppress(StoreError):
-                return cls.init(path, **init_args)  # another process may win the race: then just open
+        config_path = os.path.join(path, cfg.CONFIG_FILE)
+        if create and not os.path.exists(config_path):
+            try:
+                return cls.init(path, **init_args)
+            except StoreError:
+                # another process won the race to create it: wait for it to finish (config comes last)
+                deadline = time.monotonic() + CREATE_WAIT
+                while not os.path.exists(config_path) and time.monotonic() < deadline:
+                    time.sleep(0.05)
         config = cfg.load(path)
         key = cfg.load_key(path, config.hash)
         for d in SUBDIRS:

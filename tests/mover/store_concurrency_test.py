@@ -198,3 +198,20 @@ def test_sigkill_mid_backup_leaves_store_consistent(store: Store) -> None:
     report = store.check(read_data=True)
     assert report["ok"] and report["warnings"] == [] and report["counts"]["blocks"] == 30
     assert restore_bytes(store, old.id) == before
+
+
+def test_processes_creating_one_store_agree_on_its_key(tmp_path: Path) -> None:
+    """Several movers open the same new store with create=True at once: one key, every block id agrees."""
+    path = str(tmp_path / "new")
+    code = ("import sys; from mover.store import Store; s = Store.open(sys.argv[1], create=True, block_size=65536); "
+            "print(s.block_id(b'x' * 65536).hex())")
+    procs = [subprocess.Popen([sys.executable, "-c", code, path], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outs = []
+    for p in procs:
+        assert p.stdout is not None
+        outs.append(p.stdout.read().strip())
+        assert p.wait(30) == 0
+        p.stdout.close()
+    with Store.open(path) as s:
+        assert set(outs) == {s.block_id(b"x" * 65536).hex()}
