@@ -204,9 +204,10 @@ class Lab:
         log = list(self.call("GET", "freezelog"))
         return [r for r in log if vm is None or r["vm"] == vm]
 
-    def volume_paths(self, disk: str) -> list[str]:
-        """The disk's chain as volume file paths, base first (what a host sees)."""
-        return list(self.call("GET", f"disks/{disk}/chain"))
+    def volume_paths(self, disk: str, host: bool = False) -> list[str]:
+        """The disk's chain as volume file paths, base first; ``host=True``: the paths under the lab's
+        /rhev/data-center stand-in (``status["rhev_root"]``), as a host reaches them."""
+        return list(self.call("GET", f"disks/{disk}/chain" + ("?host=true" if host else "")))
 
     def restart_engine(self, downtime: float = 1.0) -> None:
         """Restart the engine (state kept); returns once it serves again."""

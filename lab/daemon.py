@@ -64,7 +64,7 @@ def seed(st: State, dir: Path) -> None:
                                  "ssh_port": 0, "ssh_user": "root", "spm": i == 0}
     nfs, iscsi = new_id(), new_id()
     st.coll("storagedomains")[nfs] = {"id": nfs, "name": "nfs-data", "kind": "file", "type": "nfs", "dc": dc,
-                                      "path": f"/exports/{nfs[:8]}", "master": True}
+                                      "path": "/exports/nfs-data", "master": True}
     st.coll("storagedomains")[iscsi] = {"id": iscsi, "name": "iscsi-data", "kind": "block", "type": "iscsi",
                                         "dc": dc, "path": ""}
 
@@ -101,8 +101,13 @@ class Lab:
             seed(st, d)
         st.save()
 
+        rhev = d / "rhev" / "data-center"
         for sd in st.coll("storagedomains").values():
-            self.backend.domains[sd["id"]] = Domain(d / "storage", sd["id"], sd["name"], sd["kind"])
+            dom = Domain(d / "storage", sd["id"], sd["name"], sd["kind"])
+            # As a host mounts it: <rhev>/mnt/<server>:_<export>/<sd> (or blockSD/<sd>), and <rhev>/<pool>/<sd>.
+            dom.link_rhev(rhev, sd["dc"])
+            self.backend.domains[sd["id"]] = dom
+        self.backend.rhev_root = rhev
 
         # Daemons start in parallel: each waits for its process to listen.
         pool = concurrent.futures.ThreadPoolExecutor(8)
@@ -172,8 +177,11 @@ class Lab:
             "proxy_vm": pv["id"],
             "proxy_vm_by_id": str(self.backend.proxyvm.by_id) if self.backend.proxyvm else None,
             "storage_root": str(d / "storage"),
+            # Stands for /rhev/data-center on the hosts (the lab never writes to /).
+            "rhev_root": str(rhev),
             "storage_domains": [
-                {"id": s["id"], "name": s["name"], "kind": s["kind"], "path": str(self.backend.domains[s["id"]].path)}
+                {"id": s["id"], "name": s["name"], "kind": s["kind"], "path": str(self.backend.domains[s["id"]].path),
+                 "host_path": str(rhev / "mnt" / self.backend.domains[s["id"]].mount_name / s["id"])}
                 for s in st.coll("storagedomains").values()
             ],
             "hosts": [

@@ -37,6 +37,7 @@ class Backend:
     proxy: Any = None  # lab.imageio.ImageioDaemon in the engine-proxy role
     proxyvm: Any = None  # lab.proxyvm.ProxyVM
     exports: dict[str, Any] = field(default_factory=dict)  # key -> lab.imageio.NbdExport
+    rhev_root: Path | None = None  # stands for /rhev/data-center on the hosts
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def export(self, key: str, image: Path, fmt: str, read_only: bool, bitmap: str | None = None,

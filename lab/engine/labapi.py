@@ -140,6 +140,9 @@ def register(e: Engine) -> None:
     def chain(req: Request, id: str) -> Reply:
         d = e.state.get("disks", id, "Disk")
         dom = e.backend.domains[d["sd"]]
+        if req.query.get("host") == "true" and e.backend.rhev_root is not None:
+            # The paths a host sees, under the lab's stand-in for /rhev/data-center.
+            return json_reply([str(dom.host_path(e.backend.rhev_root, id, v)) for v in dom.chain(id, d["image"])])
         return json_reply([str(dom.volume_path(id, v)) for v in dom.chain(id, d["image"])])
 
     r.add("POST", "vms", create_vm)

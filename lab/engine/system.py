@@ -57,7 +57,8 @@ def storage_domain(e: Engine, s: dict[str, Any]) -> types.StorageDomain:
     block = s["kind"] == "block"
     storage = types.HostStorage(
         type=types.StorageType.ISCSI if block else types.StorageType(s.get("type", "nfs")),
-        address="127.0.0.1",
+        # vdsm mounts <address>:<path> on /rhev/data-center/mnt/<address>:<path with / as _>.
+        address=None if block else "lab-nfs.localdomain",
         path=None if block else s["path"],
         volume_group=types.VolumeGroup(id=s["id"], name=s["id"]) if block else None,
     )

@@ -77,9 +77,12 @@ def test_ssh_reads_volume_files(lab: Lab, sdk: Any, tmp_path: Path) -> None:
     lab.write(info["id"], 0, 10, seed=1)
     lab.write(info["id"], 1, 10, seed=2)
     host = lab.hosts[0]
+    rhev = lab.status["rhev_root"]
     for did in info["disks"]:
-        path = lab.volume_paths(did)[-1]
-        local = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        local_path = lab.volume_paths(did)[-1]
+        path = lab.volume_paths(did, host=True)[-1]
+        assert path.startswith(rhev + "/mnt/") and f"/images/{did}/" in path
+        local = hashlib.sha256(Path(local_path).read_bytes()).hexdigest()
         remote = asyncio.run(_ssh(host, f"sha256sum {path}")).split()[0].decode()
         assert remote == local
         meta = json.loads(asyncio.run(_ssh(host, f"qemu-img info -U --output json {path}")))
