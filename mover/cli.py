@@ -148,7 +148,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from mover.sinks import open_sink
 
     with open_store(args) as store:
-        info = store.backup(args.backup_id)
+        info = store.backup(args.backup_id)  # NotFound before the destination is touched
+        created = not os.path.exists(args.dest)
         sink = open_sink(args.dest, overwrite=args.force, fresh=args.fresh)
         try:
             progress = Progress(info.size)
@@ -156,8 +157,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 progress.listen(bar.update)
                 stats = restore(store, args.backup_id, sink, workers=args.workers, progress=progress,
                                 sync=not args.no_sync)
-        finally:
+        except BaseException:
             sink.close()
+            if created and os.path.isfile(args.dest):
+                os.unlink(args.dest)  # a half-restored image must not pass for a good one
+            raise
+        sink.close()
     stats = {"backup": args.backup_id, "dest": args.dest, **stats}
     if args.json:
         _emit_json(stats)

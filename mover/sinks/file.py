@@ -6,12 +6,11 @@ anything is written: zero blocks need no call at all, and zero pieces inside a d
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import stat
 
-from mover.errors import SinkError, StoreFull
+from mover.errors import SinkError
 from mover.kernels import is_zero
 
 log = logging.getLogger(__name__)
@@ -24,9 +23,8 @@ HOLE_GRANULE = 64 * 1024
 MAX_WRITERS = 4
 
 
-def _oserror(path: str, what: str, e: OSError) -> Exception:
-    if e.errno == errno.ENOSPC:
-        return StoreFull(f"{what}: {e.strerror}", path=path)
+def _oserror(path: str, what: str, e: OSError) -> SinkError:
+    # The destination is full or failing, not the store: say so (ENOSPC reads "No space left on device").
     return SinkError(f"{what}: {e.strerror}", path=path)
 
 

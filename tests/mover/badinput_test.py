@@ -225,6 +225,7 @@ def test_flipped_bit_in_pack(two_backups: TwoBackups, tmp_path: Path) -> None:
     assert "1 corrupt blocks" in line and t.a in line and t.b not in line
     p = ferry("image", "restore", t.a, str(tmp_path / "a.out"), "--store", str(t.store), check=False)
     assert p.returncode == 4 and "damaged" in one_line_error(p)
+    assert not (tmp_path / "a.out").exists()  # no half-restored image left to be mistaken for a good one
     assert_restores(t.store, t.b, t.img_b, tmp_path)  # the other backup is whole
 
 
@@ -331,3 +332,17 @@ def test_ctrl_c_aborts_cleanly(two_backups: TwoBackups, tmp_path: Path) -> None:
     assert backup_ids(t.store) == [t.a, t.b]
     assert not any((t.store / "tmp").iterdir())  # the writer's unfinished pack was removed
     assert ferry_json("check", "--store", str(t.store))["ok"] is True
+
+
+def test_restore_destination_full(small_fs: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    big = tmp_path / "big.img"
+    random_image(big, 40 * MiB)
+    b = ferry_json("image", "backup", str(big), "--store", str(store))["id"]
+    dest = small_fs / "restored.img"
+    p = ferry("image", "restore", b, str(dest), "--store", str(store), check=False)
+    assert p.returncode == 3
+    line = one_line_error(p)
+    assert "No space left on device" in line and str(dest) in line
+    assert not dest.exists()  # the partial image was removed
+    assert ferry_json("check", "--store", str(store))["ok"] is True
