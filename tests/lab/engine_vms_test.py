@@ -3,6 +3,8 @@ start/stop, freeze/thaw, locked -> ok, the engine's 409s."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 import uuid
 from typing import Any
@@ -153,3 +155,53 @@ def test_ovf_round_trip(sdk: Any, lab: Lab) -> None:
     assert got.status == types.VmStatus.DOWN
     vms.vm_service(restored.id).remove()
     vms.vm_service(info["id"]).remove()
+
+
+def test_jobs_by_correlation_id(sdk: Any) -> None:
+    cid = uuid.uuid4().hex
+    d = sdk.system_service().disks_service().add(
+        types.Disk(name="job", format=types.DiskFormat.COW, provisioned_size=8 * MiB,
+                   storage_domains=[types.StorageDomain(name="nfs-data")]),
+        query={"correlation_id": cid})
+    jobs = sdk.system_service().jobs_service()
+    deadline = time.monotonic() + 10
+    while True:
+        found = jobs.list(search=f"correlation_id={cid}")
+        assert len(found) == 1
+        if found[0].status == types.JobStatus.FINISHED:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert jobs.job_service(found[0].id).get().end_time is not None
+    assert wait_disk_ok(sdk, d.id).status == types.DiskStatus.OK
+    upd = sdk.system_service().disks_service().disk_service(d.id).update(types.Disk(alias="renamed"))
+    assert upd.alias == "renamed"
+    sd = next(s for s in sdk.system_service().storage_domains_service().list() if s.name == "nfs-data")
+    listed = sdk.system_service().storage_domains_service().storage_domain_service(sd.id).disks_service().list()
+    assert d.id in [x.id for x in listed]
+    sdk.system_service().disks_service().disk_service(d.id).remove()
+
+
+def test_proxy_vm_writable_attachment(lab: Lab, sdk: Any, tmp_path: Any) -> None:
+    """A restore through the proxy VM: an empty disk attached read-write is a writable block device."""
+    d = wait_disk_ok(sdk, new_disk(sdk, size=16 * MiB).id)
+    atts = sdk.system_service().vms_service().vm_service(lab.proxy_vm).disk_attachments_service()
+    a = atts.add(types.DiskAttachment(disk=types.Disk(id=d.id), interface=types.DiskInterface.VIRTIO_SCSI,
+                                      active=True, read_only=False))
+    payload = os.urandom(MiB)
+    try:
+        assert a.logical_name.startswith("/dev/loop") and not a.read_only
+        fd = os.open(a.logical_name, os.O_WRONLY)
+        try:
+            os.pwrite(fd, payload, 4 * MiB)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        atts.attachment_service(d.id).remove()
+    out = tmp_path / "out.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", lab.volume_paths(d.id)[-1], str(out)], check=True)
+    data = out.read_bytes()
+    assert data[4 * MiB:5 * MiB] == payload
+    assert data[:4 * MiB] == bytes(4 * MiB)
+    sdk.system_service().disks_service().disk_service(d.id).remove()
