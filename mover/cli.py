@@ -109,7 +109,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if args.changed and not args.base:
         raise UsageError("--changed needs --base (the backup the changes are relative to)")
     changed = load_changed(args.changed) if args.changed else None
-    source = open_source(args.source, changed=changed)
+    source = open_source(args.source, changed=changed, direct=args.direct)
     try:
         with open_store(args, create=True) as store:
             progress = Progress()
@@ -292,6 +292,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--block-size", type=parse_size, metavar="N",
                    help="block size of a new store (e.g. 256K); ignored for an existing one")
     p.add_argument("--readers", type=int, metavar="N", help="parallel readers of the source")
+    p.add_argument("--direct", action="store_true",
+                   help="read a block device with O_DIRECT (bypass the page cache); ignored for files")
     p.add_argument("--workers", type=int, metavar="N", help="hash/compress threads (default: cores)")
     p.set_defaults(func=cmd_backup)
 

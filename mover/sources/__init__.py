@@ -52,9 +52,11 @@ def open_source(url: str, changed: list[Extent] | None = None, **options: Any) -
     return opener(target, changed=changed, **options)
 
 
-def _open_file(path: str, changed: list[Extent] | None = None, **options: Any) -> Source:
+def _open_file(path: str, changed: list[Extent] | None = None, direct: bool = False, **options: Any) -> Source:
     from mover.sources.file import FileSource
 
+    # O_DIRECT is for devices: an image file's size need not be sector aligned, and its reads are the page
+    # cache's business (the file is usually a copy made for the backup).
     return FileSource(path, changed=changed, **options)
 
 

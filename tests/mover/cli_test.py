@@ -160,3 +160,23 @@ def test_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
         assert "--store" in out and "--json" in out
         if cmd == ["image", "backup"]:
             assert "--changed" in out and "--base" in out
+
+
+def test_block_devices(tmp_path: Path) -> None:
+    """A loop device backed up with O_DIRECT and restored onto another loop device holding junk."""
+    src_img, dst_img = tmp_path / "src.img", tmp_path / "dst.img"
+    make_image(src_img, 8 * MiB, seed=5)
+    dst_img.write_bytes(os.urandom(8 * MiB))
+    devs: list[str] = []
+    try:
+        for f in (src_img, dst_img):
+            devs.append(subprocess.run(["losetup", "-f", "--show", str(f)], check=True, capture_output=True,
+                                       text=True).stdout.strip())
+        store = str(tmp_path / "store")
+        b = ferry_json("image", "backup", devs[0], "--direct", "--store", store)
+        assert b["source"] == devs[0] and b["stats"]["read"] == 8 * MiB and b["stats"]["zero"] > 0
+        ferry("image", "restore", b["id"], devs[1], "--store", store)
+        assert sha(devs[1]) == sha(src_img)
+    finally:
+        for d in devs:
+            subprocess.run(["losetup", "-d", d], check=False)
