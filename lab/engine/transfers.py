@@ -4,8 +4,9 @@ As on a real engine: ``add`` answers at once in phase ``initializing``; the work
 ``qemu-nbd`` (read-only for downloads, ``-B`` for incremental backups, writable for uploads), installs a ticket
 on the host's imageio daemon and one on the proxy daemon, and moves to ``transferring`` with ``transfer_url``
 and ``proxy_url``. ``finalize`` -> ``finalizing_success`` -> ``finished_success``; the transfer then
-disappears (404) after :data:`KEEP_FINISHED` seconds. ``cancel`` -> ``finalizing_failure`` ->
-``finished_failure``. A ticket idle longer than ``inactivity_timeout`` ends the transfer the same way.
+disappears (404) after :data:`KEEP_FINISHED` seconds. ``cancel`` -> ``cancelled_user`` -> ``finalizing_failure``
+-> ``finished_failure``; a ticket idle longer than ``inactivity_timeout`` ends the same way through
+``cancelled_system``.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def register(e: Engine) -> None:
           action("finalize", ("transferring", "paused_user", "paused_system", "resuming"), "finalizing_success"))
     r.add("POST", "imagetransfers/{id}/cancel",
           action("cancel", ("initializing", "transferring", "paused_user", "paused_system", "resuming"),
-                 "finalizing_failure"))
+                 "cancelled_user"))
     r.add("POST", "imagetransfers/{id}/pause", action("pause", ("transferring",), "paused_user"))
     r.add("POST", "imagetransfers/{id}/resume", action("resume", ("paused_user", "paused_system"), "resuming"))
     r.add("POST", "imagetransfers/{id}/extend", lambda req, id: (get_t(id), action_reply())[1])
@@ -173,6 +174,10 @@ def tick(e: Engine) -> None:
                 _setup(e, t)
                 t["phase"] = "transferring"
                 t["last_active"] = now
+            elif phase in ("cancelled_user", "cancelled_system"):
+                # As the engine: cancelled_* -> finalizing_failure -> finished_failure.
+                t["phase"] = "finalizing_failure"
+                t["due"] = now + STEP_DELAY
             elif phase == "resuming":
                 t["phase"] = "transferring"
                 t["last_active"] = now
@@ -261,7 +266,7 @@ def _watch(e: Engine, t: dict[str, Any], now: float) -> None:
         t["last_active"] = now
     elif idle > t["inactivity_timeout"] and now - t.get("last_active", 0) > t["inactivity_timeout"]:
         log.info("Transfer inactive transfer=%s timeout=%s", t["id"][:8], t["inactivity_timeout"])
-        t["phase"] = "finalizing_failure"
+        t["phase"] = "cancelled_system"
         t["due"] = now
         t["why"] = "exceeded the inactivity timeout"
     e.dirty()

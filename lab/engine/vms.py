@@ -54,6 +54,23 @@ def vm_obj(e: Engine, v: dict[str, Any], all_content: bool = False) -> types.Vm:
     )
 
 
+def followed(e: Engine, v: dict[str, Any], vm: types.Vm, follow: str | None) -> types.Vm:
+    """Inline what ``follow=`` asks for, as the engine does: disk_attachments (and their disks), snapshots."""
+    if not follow:
+        return vm
+    wanted = {f.strip() for f in follow.split(",")}
+    if wanted & {"disk_attachments", "disk_attachments.disk"}:
+        atts = []
+        for did, a in v["attachments"].items():
+            att = attachment_obj(v["id"], did, a)
+            d = e.state.coll("disks").get(did)
+            if "disk_attachments.disk" in wanted and d is not None:
+                att.disk = disks_mod.disk_obj(e, d)
+            atts.append(att)
+        vm.disk_attachments = atts
+    return vm
+
+
 def attachment_obj(vm_id: str, did: str, a: dict[str, Any]) -> types.DiskAttachment:
     return new(types.DiskAttachment,
         id=did, href=href("vms", vm_id, "diskattachments", did),
@@ -144,7 +161,8 @@ def register(e: Engine) -> None:
         return e.state.get("vms", id, "VM")
 
     def list_vms(req: Request) -> Reply:
-        objs = [vm_obj(e, v, req.flag("all_content")) for v in vms("vms").values()]
+        objs = [followed(e, v, vm_obj(e, v, req.flag("all_content")), req.query.get("follow"))
+                for v in vms("vms").values()]
         if req.query.get("search"):
             objs = [o for o in objs if matches(o, req.query["search"])]
         if req.query.get("max"):
@@ -227,7 +245,8 @@ def register(e: Engine) -> None:
 
     r.add("GET", "vms", list_vms)
     r.add("POST", "vms", add_vm)
-    r.add("GET", "vms/{id}", lambda req, id: obj_reply(vm_obj(e, get_vm(id), req.flag("all_content"))))
+    r.add("GET", "vms/{id}", lambda req, id: obj_reply(followed(
+        e, get_vm(id), vm_obj(e, get_vm(id), req.flag("all_content")), req.query.get("follow"))))
     r.add("DELETE", "vms/{id}", remove_vm)
     r.add("POST", "vms/{id}/start", start)
     r.add("POST", "vms/{id}/stop", stop)

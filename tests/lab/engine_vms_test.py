@@ -94,6 +94,8 @@ def test_attach_detach_and_conflicts(sdk: Any) -> None:
                                       bootable=True, active=True))
     assert a.id == d.id and a.interface == types.DiskInterface.VIRTIO_SCSI and a.bootable
     assert [x.disk.id for x in atts.list()] == [d.id]
+    full = sdk.system_service().vms_service().vm_service(vm.id).get(follow="disk_attachments.disk")
+    assert [x.disk.provisioned_size for x in full.disk_attachments] == [16 * MiB]
     other_atts = sdk.system_service().vms_service().vm_service(other.id).disk_attachments_service()
     with pytest.raises(ovirtsdk4.Error, match="already attached") as e:
         other_atts.add(types.DiskAttachment(disk=types.Disk(id=d.id), interface=types.DiskInterface.VIRTIO_SCSI))
