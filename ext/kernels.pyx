@@ -166,3 +166,38 @@ def bsearch_many(const unsigned char[::1] table not None, Py_ssize_t start, Py_s
             if r >= 0:
                 found += 1
     return found
+
+
+def mark_found(const unsigned char[::1] table not None, Py_ssize_t start, Py_ssize_t count,
+               Py_ssize_t entry_size, const unsigned char[::1] keys not None,
+               unsigned char[::1] found not None, unsigned char[::1] live=None) -> int:
+    """Look up every 32-byte id of ``keys`` whose ``found`` flag is 0 among ``count`` sorted entries.
+
+    A hit sets ``found[i]`` and, if given, ``live[position]``. Returns the number of new hits. Called once
+    per index segment in order, it marks each id's first copy, as a lookup does, for a whole manifest
+    slice in one GIL-free call (prune's mark phase, save_backup's completeness check).
+    """
+    if entry_size < ID_SIZE or start < 0 or count < 0 or start + count * entry_size > table.shape[0]:
+        raise ValueError("table bounds")
+    cdef Py_ssize_t nkeys = keys.shape[0] // ID_SIZE
+    if found.shape[0] < nkeys:
+        raise ValueError("found too short")
+    if live is not None and live.shape[0] < count:
+        raise ValueError("live too short")
+    cdef unsigned char *lv = NULL
+    if live is not None and count > 0:
+        lv = &live[0]
+    cdef Py_ssize_t i, r, hits = 0
+    if nkeys == 0 or count == 0:
+        return 0
+    with nogil:
+        for i in range(nkeys):
+            if found[i]:
+                continue
+            r = _bsearch(&table[start], count, entry_size, &keys[i * ID_SIZE])
+            if r >= 0:
+                found[i] = 1
+                hits += 1
+                if lv != NULL:
+                    lv[r] = 1
+    return hits

@@ -138,6 +138,34 @@ def bsearch_many(table: Buffer, start: int, count: int, entry_size: int, keys: B
     )
 
 
+def mark_found(table: Buffer, start: int, count: int, entry_size: int, keys: Buffer, found: bytearray,
+               live: bytearray | None = None) -> int:
+    """For each id of ``keys`` not yet ``found``, look it up; on a hit set ``found[i]`` and ``live[pos]``.
+
+    Returns the number of new hits (one GIL-free call per segment for a whole slice of a manifest).
+    """
+    return _kernels.mark_found(  # type: ignore[no-any-return]
+        _u8(table), start, count, entry_size, _u8(keys), found, live
+    )
+
+
+def ref_mark_found(table: Buffer, start: int, count: int, entry_size: int, keys: Buffer, found: bytearray,
+                   live: bytearray | None = None) -> int:
+    """Reference of ``mark_found``."""
+    raw = bytes(keys)
+    hits = 0
+    for i in range(len(raw) // ID_SIZE):
+        if found[i]:
+            continue
+        pos = ref_bsearch(table, start, count, entry_size, raw[i * ID_SIZE : (i + 1) * ID_SIZE])
+        if pos >= 0:
+            found[i] = 1
+            hits += 1
+            if live is not None:
+                live[pos] = 1
+    return hits
+
+
 def ref_bsearch(table: Buffer, start: int, count: int, entry_size: int, key: bytes) -> int:
     """Reference of ``bsearch`` (any matching position is a right answer when ids repeat)."""
     raw = bytes(table)

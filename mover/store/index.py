@@ -142,6 +142,19 @@ class Segment:
             yield self.entry(i)
 
 
+def count_missing(segments: tuple[Segment, ...], ids: memoryview | bytes,
+                  live: list[bytearray] | None = None) -> int:
+    """Non-zero ids of ``ids`` (n * 32 bytes) found in no segment; with ``live``, flag each first copy."""
+    found = kernels.zero_flags(ids, 32)  # ZERO_ID entries count as found: they are never stored
+    left = len(found) - sum(found)
+    for n, seg in enumerate(segments):
+        if not left:
+            break
+        left -= kernels.mark_found(seg.buffer, seg.entries_at, seg.count, ENTRY.size, ids, found,
+                                   None if live is None else live[n])
+    return left
+
+
 class Index:
     """The union of the segments under ``index/``, re-listed on ``refresh``. Thread-safe."""
 

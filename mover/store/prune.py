@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING
 
 from mover.errors import StoreCorrupt
 from mover.store import check, fsutil, index, lock, pack
-from mover.store.api import ZERO_ID
 
 if TYPE_CHECKING:
     from mover.store.repo import Store
+
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +68,13 @@ def _prune(store: Store, rewrite_fraction: float) -> dict[str, int]:
         raise StoreCorrupt(f"not pruning: index segment {name} is damaged ({reason}); run check", path=root)
     segments = list(idx.segments)
     live = [bytearray(s.count) for s in segments]
-    seg_no = {id(s): i for i, s in enumerate(segments)}
     missing = 0
     backups = store.backup_ids()
     for b in backups:
         m = store.load_manifest(b)  # a damaged manifest raises: never prune blocks it may reference
         try:
-            for i in range(m.count):
-                bid = m[i]
-                if bid == ZERO_ID:
-                    continue
-                hit = idx.find(bid)
-                if hit is None:
-                    missing += 1
-                else:
-                    live[seg_no[id(hit[0])]][hit[1]] = 1
+            for chunk in m.chunks():
+                missing += index.count_missing(idx.segments, chunk, live)
         finally:
             m.close()
 

@@ -14,7 +14,6 @@ import secrets
 import shutil
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
@@ -24,7 +23,7 @@ import zstandard
 from mover import kernels
 from mover.errors import NotFound, StoreCorrupt, StoreError
 from mover.store import config as cfg
-from mover.store import fsutil, index, lock, pack
+from mover.store import files, fsutil, index, lock, pack
 from mover.store import manifest as mf
 from mover.store.api import ZERO_ID, BackupInfo
 from mover.store.writer import Writer
@@ -36,7 +35,6 @@ INFO_FILE = "info.json"
 SUBDIRS = (lock.LOCK_DIR, fsutil.TMP_DIR, pack.PACK_DIR, index.INDEX_DIR, BACKUP_DIR)
 CREATE_WAIT = 10.0  # how long open(create=True) waits for another process that is creating the store
 LOCK_WAIT = 600.0  # a backup waits this long for a running prune before giving up with StoreLocked
-MAX_OPEN_PACKS = 64  # descriptors kept open for reads: restores touch packs in order, so a few suffice
 
 
 class Store:
@@ -51,7 +49,7 @@ class Store:
         self._store_lock = lock.FileLock(path, lock.STORE_LOCK)
         self._holds = 0  # backups in flight in this process (manifests from new_manifest, open writers)
         self._lock = threading.Lock()
-        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._packs = files.PackFiles(path)
         self._local = threading.local()
 
     # --- opening ------------------------------------------------------------------------------------
@@ -112,9 +110,7 @@ class Store:
     def close(self) -> None:
         """Release the store lock and every descriptor."""
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            self._packs.close()
             self._holds = 0
         self._store_lock.release()
         self.index.close()
@@ -139,38 +135,14 @@ class Store:
             d = self._local.dctx = zstandard.ZstdDecompressor()
         return d
 
-    def _pack_fd(self, name: str) -> int:
-        with self._lock:
-            fd = self._fds.get(name)
-            if fd is not None:
-                self._fds.move_to_end(name)
-                return fd
-            fd = os.open(pack.pack_path(self.path, name), os.O_RDONLY)
-            self._fds[name] = fd
-            if len(self._fds) > MAX_OPEN_PACKS:
-                # closing under the lock: no other thread can be between _pack_fd and pread on it... except
-                # a reader that got it earlier; pread then fails with EBADF and read_block retries once
-                os.close(self._fds.popitem(last=False)[1])
-            return fd
-
-    def _forget_fd(self, name: str) -> None:
-        with self._lock:
-            fd = self._fds.pop(name, None)
-            if fd is not None:
-                os.close(fd)
-
     def read_entry(self, entry: index.Entry, verify: bool = True) -> bytes:
         """Read, decompress and (with ``verify``) re-hash one block; ``StoreCorrupt`` on any mismatch."""
         path = pack.pack_path(self.path, entry.pack)
         try:
-            fd = self._pack_fd(entry.pack)
+            with self._packs.use(entry.pack) as fd:
+                bid, raw_len, flags, stored = pack.read_record(fd, entry.offset, entry.stored_len, path, self.path)
         except FileNotFoundError:
             raise StoreCorrupt(f"pack {entry.pack} is missing (block {entry.id.hex()[:16]})", path=self.path) from None
-        try:
-            bid, raw_len, flags, stored = pack.read_record(fd, entry.offset, entry.stored_len, path, self.path)
-        except StoreCorrupt:
-            self._forget_fd(entry.pack)
-            raise
         if bid != entry.id or raw_len != entry.raw_len:
             raise StoreCorrupt(f"pack {entry.pack} offset {entry.offset} holds another block", path=self.path)
         if flags & pack.FLAG_ZSTD:
@@ -302,14 +274,13 @@ class Store:
         return info
 
     def missing_blocks(self, manifest: mf.Manifest) -> int:
-        """How many non-zero entries of ``manifest`` the index does not hold (after a refresh)."""
+        """How many non-zero entries of ``manifest`` the index does not hold (after a refresh).
+
+        One GIL-free ``mark_found`` call per segment and 1 MiB slice of the manifest: 262,144 entries of a
+        64 GiB disk take milliseconds, not a Python loop over every id.
+        """
         self.index.refresh()
-        missing = 0
-        for i in range(manifest.count):
-            bid = manifest[i]
-            if bid != ZERO_ID and self.index.find(bid) is None:
-                missing += 1
-        return missing
+        return sum(index.count_missing(self.index.segments, chunk) for chunk in manifest.chunks())
 
     def load_manifest(self, backup_id: str) -> mf.Manifest:
         path = os.path.join(self._backup_dir(backup_id), mf.MANIFEST_FILE)

@@ -147,3 +147,19 @@ def test_hashing_releases_the_gil() -> None:
     # with the GIL held for the whole call the spinner could only run at the 5 ms switch interval
     # (a handful of ticks); released, it runs freely for the whole call
     assert elapsed > 0.01 and during > 10_000, (elapsed, during)
+
+
+@given(ids=st.lists(st.binary(min_size=32, max_size=32), max_size=40, unique=True),
+       others=st.lists(st.binary(min_size=32, max_size=32), max_size=10),
+       pre=st.lists(st.booleans(), max_size=50), use_live=st.booleans())
+def test_mark_found_matches_reference(ids: list[bytes], others: list[bytes], pre: list[bool], use_live: bool) -> None:
+    t = table(ids, 56, 24)
+    keys = b"".join([*ids, *others, kernels.ZERO_ID])
+    n = len(keys) // 32
+    flags = bytearray(int(pre[i]) if i < len(pre) else 0 for i in range(n))
+    found, ref_found = bytearray(flags), bytearray(flags)
+    live = bytearray(len(ids)) if use_live else None
+    ref_live = bytearray(len(ids)) if use_live else None
+    got = kernels.mark_found(t, 24, len(ids), 56, keys, found, live)
+    assert got == kernels.ref_mark_found(t, 24, len(ids), 56, keys, ref_found, ref_live)
+    assert found == ref_found and live == ref_live

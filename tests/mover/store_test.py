@@ -289,3 +289,27 @@ def test_prune_interrupted_after_publishing_keeps_everything(store: Store, monke
     fresh.prune()
     assert len(fresh.index) == 6 and fresh.check(read_data=True)["warnings"] == []
     fresh.close()
+
+
+def test_threads_read_through_a_tiny_descriptor_cache(store: Store) -> None:
+    """Evicting a pack descriptor another thread is reading from must not break that read."""
+    from mover.store import files
+
+    infos = [backup_bytes(store, image(6, seed=200 + n)) for n in range(5)]  # five backups, five packs
+    store._packs = files.PackFiles(store.path, limit=2)
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            for r in range(4):
+                n = (k + r) % 5
+                assert restore_bytes(store, infos[n].id) == image(6, seed=200 + n)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
