@@ -9,9 +9,11 @@ lock on ``DIR/lab.lock`` for its lifetime (a second lab in the same directory fa
 from __future__ import annotations
 
 import argparse
+import base64
 import concurrent.futures
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -50,6 +52,12 @@ def lock(dir: Path) -> IO[str]:
     f.write(str(os.getpid()))
     f.flush()
     return f
+
+
+def fingerprint(public_key: str) -> str:
+    """OpenSSH's SHA256 fingerprint of a public key line, as the engine shows a host's."""
+    blob = base64.b64decode(public_key.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 def seed(st: State, dir: Path) -> None:
@@ -130,6 +138,7 @@ class Lab:
                 rt.sshd.add_lvm_root(sd.root)
             h = st.coll("hosts")[rt.id]
             h.update(ssh_port=rt.sshd.port, ssh_user=rt.sshd.user, ssh_public_key=rt.sshd.host_key,
+                     ssh_fingerprint=fingerprint(rt.sshd.host_key),
                      ssh_key=str(rt.sshd.client_key), imageio_port=rt.imageio.port)
 
         proxy_vm = [v for v in st.coll("vms").values() if v.get("proxy")]

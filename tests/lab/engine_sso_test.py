@@ -4,6 +4,7 @@ inventory, events, jobs, 404 faults."""
 from __future__ import annotations
 
 import ssl
+import subprocess
 import urllib.request
 from typing import Any
 
@@ -84,6 +85,9 @@ def test_inventory(sdk: Any, lab: Lab) -> None:
     for h in hosts:
         assert h.status == types.HostStatus.UP
         assert h.ssh.port > 0 and h.ssh.public_key.startswith("ssh-ed25519 ")
+        keygen = subprocess.run(["ssh-keygen", "-lf", "-"], input=h.ssh.public_key, capture_output=True,
+                                text=True, check=True).stdout
+        assert keygen.split()[1] == h.ssh.fingerprint
     kinds = {s.name: s.storage.type for s in sds}
     assert kinds == {"nfs-data": types.StorageType.NFS, "iscsi-data": types.StorageType.ISCSI}
     sd = system.storage_domains_service().storage_domain_service(sds[0].id).get()
