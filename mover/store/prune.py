@@ -91,35 +91,36 @@ def _prune(store: Store, rewrite_fraction: float) -> dict[str, int]:
     delete |= {p for p in usage if p not in on_disk}  # already gone: just drop its entries
     rewrite -= delete
 
-    # copy the live records of packs to rewrite; new rows are kept in memory (bounded by their live blocks)
+    # the live records of the packs to rewrite, gathered in one pass over the index (memory: their rows)
+    todo: dict[str, list[tuple[int, int, int, int, bytes]]] = {}
+    if rewrite:
+        for s, flags in zip(segments, live, strict=True):
+            for i in range(s.count):
+                bid, off, slen, rlen, pno, fl = s.raw(i)
+                if flags[i] and s.packs[pno] in rewrite:
+                    todo.setdefault(s.packs[pno], []).append((off, slen, rlen, fl, bid))
+    # copy them as they are (no recompression), in pack order; rows of new pack k carry -1 - k until
+    # the final pack numbering is known
     new_rows: list[Row] = []
     new_packs: list[str] = []
-    moved: dict[str, str] = {}
     writer: pack.PackWriter | None = None
     try:
-        for p in sorted(rewrite):
+        for p in sorted(todo):
             path = pack.pack_path(root, p)
             fd = os.open(path, os.O_RDONLY)
             try:
-                for s, flags in zip(segments, live, strict=True):
-                    if p not in s.packs:
-                        continue
-                    for i in range(s.count):
-                        bid, off, slen, rlen, pno, fl = s.raw(i)
-                        if not flags[i] or s.packs[pno] != p:
-                            continue
-                        rid, _, _, data = pack.read_record(fd, off, slen, path, root)
-                        if writer is None:
-                            writer = pack.PackWriter(root)
-                        rec = writer.append(rid, data, rlen, fl)
-                        new_rows.append((bid, rec.offset, slen, rlen, -1 - len(new_packs), fl))
-                        if writer.size >= store.config.pack_size:
-                            writer.finish()
-                            new_packs.append(writer.name)
-                            writer = None
+                for off, slen, rlen, fl, bid in sorted(todo[p]):
+                    rid, _, _, data = pack.read_record(fd, off, slen, path, root)
+                    if writer is None:
+                        writer = pack.PackWriter(root)
+                    rec = writer.append(rid, data, rlen, fl)
+                    new_rows.append((bid, rec.offset, slen, rlen, -1 - len(new_packs), fl))
+                    if writer.size >= store.config.pack_size:
+                        writer.finish()
+                        new_packs.append(writer.name)
+                        writer = None
             finally:
                 os.close(fd)
-            moved[p] = "rewritten"
         if writer is not None:
             writer.finish()
             new_packs.append(writer.name)
@@ -130,6 +131,7 @@ def _prune(store: Store, rewrite_fraction: float) -> dict[str, int]:
         for p in new_packs:
             fsutil.remove(pack.pack_path(root, p))
         raise
+    del todo
 
     # one merged segment: live entries of kept packs + the rewritten ones
     gone = delete | rewrite
@@ -144,7 +146,7 @@ def _prune(store: Store, rewrite_fraction: float) -> dict[str, int]:
                 yield bid, off, slen, rlen, pno_of[s.packs[pno]], fl
 
     # rows of new packs carry -1 - k for "the k-th pack written so far": fix the number up now
-    fixed = sorted((bid, off, slen, rlen, pno_of[new_packs_for(new_packs, pno)], fl)
+    fixed = sorted((bid, off, slen, rlen, pno_of[new_packs[-1 - pno]], fl)
                    for bid, off, slen, rlen, pno, fl in new_rows)
     count = sum(1 for s, f in zip(segments, live, strict=True) for _ in kept_rows(s, f)) + len(fixed)
     merged_name = None
@@ -196,7 +198,3 @@ def _prune(store: Store, rewrite_fraction: float) -> dict[str, int]:
              " ".join(f"{k}={v}" for k, v in result.items()), time.monotonic() - started)
     return result
 
-
-def new_packs_for(new_packs: list[str], pno: int) -> str:
-    """The name of the new pack a row of ``new_rows`` points to (rows use ``-1 - k`` for new pack k)."""
-    return new_packs[-1 - pno]

@@ -313,3 +313,23 @@ def test_threads_read_through_a_tiny_descriptor_cache(store: Store) -> None:
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+def test_prune_deletes_and_rewrites_packs(store: Store) -> None:
+    base = image(20, seed=300)
+    a = backup_bytes(store, base)
+    changed = bytearray(base)
+    changed[: 5 * BS] = image(5, seed=301)  # a quarter of a's blocks replaced
+    b = backup_bytes(store, changed)
+    c = backup_bytes(store, image(4, seed=302))
+    before = stored_bytes(store)
+    store.delete_backup(a.id)
+    store.delete_backup(c.id)
+    result = store.prune()
+    assert result["packs_rewritten"] >= 1 and result["packs_deleted"] >= 1
+    assert result["blocks_removed"] == 5 + 4 and result["blocks_kept"] == 20 and result["missing_blocks"] == 0
+    assert stored_bytes(store) < before * 0.7
+    assert len(store.index) == 20 and len(store.index.segments) == 1
+    assert restore_bytes(store, b.id) == changed
+    assert store.check(read_data=True)["ok"]
+    assert store.prune()["packs_rewritten"] == 0  # nothing left to do
