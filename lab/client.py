@@ -188,6 +188,10 @@ class Lab:
         """The guest writes ``percent`` % of a disk at random 64 KiB clusters; returns the changed extents."""
         return list(self.call("POST", f"vms/{vm}/write", {"disk": disk, "percent": percent, "seed": seed}))
 
+    def set_guest_agent(self, vm: str, running: bool) -> None:
+        """Start or stop the VM's guest agent (freeze/thaw need it; the engine skips them without it)."""
+        self.call("PUT", f"vms/{vm}", {"guest_agent": running})
+
     def fault(self, name: str, value: Any = True) -> None:
         """Set a fault: snapshot_fail, snapshot_remove_conflict (N), transfer_hang (phase), host_down (host),
         checkpoint_broken (checkpoint id), engine_restart (downtime seconds)."""

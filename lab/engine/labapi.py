@@ -145,7 +145,15 @@ def register(e: Engine) -> None:
             return json_reply([str(dom.host_path(e.backend.rhev_root, id, v)) for v in dom.chain(id, d["image"])])
         return json_reply([str(dom.volume_path(id, v)) for v in dom.chain(id, d["image"])])
 
+    def update_vm(req: Request, vm: str) -> Reply:
+        body = _body(req)
+        v = find_vm(e, vm)
+        if "guest_agent" in body:
+            v["guest_agent"] = bool(body["guest_agent"])
+        return json_reply({"id": v["id"], "name": v["name"], "guest_agent": v["guest_agent"], "status": v["status"]})
+
     r.add("POST", "vms", create_vm)
+    r.add("PUT", "vms/{vm}", update_vm)
     r.add("POST", "vms/{vm}/write", write)
     r.add("GET", "faults", get_faults)
     r.add("POST", "faults", set_fault)

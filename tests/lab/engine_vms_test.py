@@ -136,6 +136,11 @@ def test_start_stop_freeze_thaw(sdk: Any, lab: Lab) -> None:
     log = lab.freeze_log(vm.id)
     assert [r["op"] for r in log] == ["freeze", "thaw"]
     assert t0 <= log[0]["time"] <= log[1]["time"]
+    lab.set_guest_agent(vm.id, False)
+    with pytest.raises(ovirtsdk4.Error, match="Guest agent") as e:
+        svc.freeze_filesystems()
+    assert e.value.code == 409
+    assert svc.get().guest_operating_system is None
     svc.stop()
     assert svc.get().status == types.VmStatus.DOWN
     svc.remove()
