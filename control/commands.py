@@ -73,6 +73,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--method", choices=["checkpoint", "snapshot"], help="default: checkpoint when possible")
     p.add_argument("--exclude", action="append", default=[], metavar="DISK", help="disk alias or id to skip")
     p.add_argument("--no-freeze", action="store_true", help="do not freeze guest filesystems")
+    p.add_argument("--engine", help="engine URL or id (default: the VM's engine, or the only one)")
     p.add_argument("--no-wait", action="store_true", help="print the backup ids and return at once")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the result")
     p.set_defaults(func=cmd_backup)
@@ -219,6 +220,8 @@ async def _backup(args: argparse.Namespace, cfg: Config) -> int:
                                    "freeze": not args.no_freeze}
             if args.method:
                 req["method"] = args.method
+            if args.engine:
+                req["engine"] = args.engine
             reply = await service.request(b, jobs.TRIGGER_BACKUP, req)
             ids.append((vm, reply["backup_id"]))
         if args.no_wait:

@@ -181,11 +181,21 @@ class BackupFlow(Flow):
     def snapshot(self) -> None:
         c, vm_id = self.client, self.vm.id
         if self.method == "checkpoint":
-            eb = c.start_backup(vm_id, [d.id for d in self.disks], self.prev_point)
-            self.engine_backup_id = eb.id
-            fin = self.always("finalize VM backup", lambda: c.finalize_backup(vm_id, eb.id))
-            self._finalize_cleanup = fin
-            c.wait_backup_ready(vm_id, eb.id)
+            try:
+                eb = self._start_vm_backup(self.prev_point)
+            except EngineError as e:
+                if self.prev_point is None:
+                    raise
+                # The engine could not back up from the checkpoint (a bitmap lost after an unclean
+                # shutdown, say): the chain is broken, so every disk is backed up full.
+                why = f"incremental backup from checkpoint {self.prev_point} failed on the engine ({e.reason})"
+                log.warning("broken chain vm=%s: %s: full backup", vm_id, why)
+                self.prev_point = None
+                for plan in self.plans.values():
+                    plan.kind, plan.base = "full", None
+                    plan.note = f"{why}: full"
+                    self.progress[plan.disk.id]["kind"] = "full"
+                eb = self._start_vm_backup(None)
             modes = c.backup_disk_modes(vm_id, eb.id)
             for plan in self.plans.values():
                 if plan.kind == "incremental" and modes.get(plan.disk.id, "full") != "incremental":
@@ -220,6 +230,14 @@ class BackupFlow(Flow):
         self.dispatcher.event(snapshot_subject(vm_id), {
             "backup_id": self.id, "vm": self.vm.name, "method": self.method, "point_id": self.point_id,
             "state": "created"})
+
+    def _start_vm_backup(self, from_checkpoint: str | None) -> Any:
+        c, vm_id = self.client, self.vm.id
+        eb = c.start_backup(vm_id, [d.id for d in self.disks], from_checkpoint)
+        self.engine_backup_id = eb.id
+        self._finalize_cleanup = self.always("finalize VM backup", lambda: c.finalize_backup(vm_id, eb.id))
+        c.wait_backup_ready(vm_id, eb.id)
+        return eb
 
     def export(self) -> None:
         jobs: list[ExportJob] = []

@@ -11,7 +11,7 @@ from lab import client as labclient
 from tests.control.plane import Plane
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[labclient.Lab]:
     d = tmp_path_factory.mktemp("lab")
     handle = labclient.up(d)
@@ -32,7 +32,7 @@ def free_dir(tmp_path: Path, name: str) -> Path:
     return p
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def plane(lab: labclient.Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
     p = Plane(tmp_path_factory.mktemp("plane"), lab)
     try:

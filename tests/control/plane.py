@@ -29,7 +29,7 @@ class Plane:
         self.store.mkdir(parents=True, exist_ok=True)
         self.data.mkdir(parents=True, exist_ok=True)
         # Short engine waits so a hung transfer fails the flow in seconds, not the production 10 minutes.
-        (self.data / "config.json").write_text(json.dumps({"engine_timeout": 15, "job_timeout": 300}))
+        (self.data / "config.json").write_text(json.dumps({"engine_timeout": 8, "job_timeout": 300}))
         self.nats = NatsServer(base / "nats")
         self.workers = workers
         self.mover_args = mover_args
