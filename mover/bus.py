@@ -192,7 +192,12 @@ class Bus:
             raw = await self.js.get_last_msg(jobs.STREAM_EVENTS, jobs.result_subject(job_id))
         except nats.js.errors.NotFoundError:
             return None
-        return jobs.JobResult.from_json(raw.data or b"")
+        try:
+            return jobs.JobResult.from_json(raw.data or b"")
+        except jobs.MalformedMessage as e:
+            # Not a result we can trust: as if there were none, so the job runs (and reports) again.
+            log.warning("Ignoring malformed result job=%s error=%s", job_id, e)
+            return None
 
     async def wait_result(self, job_id: str, timeout: float | None = None) -> jobs.JobResult:
         """Wait for the result of ``job_id`` (also finds one published before the call)."""

@@ -398,6 +398,9 @@ class Worker:
             except Exception as e:
                 if isinstance(e, FerryError) and not e.retryable:
                     raise
+                if self.stop.is_set() and deadline is None:
+                    # Shutting down: wait a little for NATS, not forever (an unanswered job is redelivered).
+                    deadline = time.monotonic() + 10.0
                 if deadline is not None and time.monotonic() + delay > deadline:
                     log.warning("NATS %s failed, giving up: %r", what, e)
                     return None
