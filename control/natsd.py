@@ -65,8 +65,17 @@ class NatsServer:
         port: int | None = None,
         host: str = "127.0.0.1",
         monitor_port: int | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
+        """``user``/``password``: require them of clients. ``tls_cert``/``tls_key``: serve TLS only."""
         self.data_dir = Path(data_dir)
+        self.user = user
+        self.password = password
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
         self.host = host
         self.port = port or free_port(host)
         self.monitor_port = monitor_port or free_port(host)
@@ -74,7 +83,7 @@ class NatsServer:
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"{'tls' if self.tls_cert else 'nats'}://{self.host}:{self.port}"
 
     @property
     def log_file(self) -> Path:
@@ -96,6 +105,12 @@ class NatsServer:
             "--log", str(self.log_file),
             "--pid", str(self.data_dir / "nats-server.pid"),
         ]  # fmt: skip
+        if self.user:
+            # On the command line, so visible in ps to local users: fine for loopback test servers; a shared
+            # machine should use an external NATS with a config file or nkeys.
+            cmd += ["--user", self.user, "--pass", self.password or ""]
+        if self.tls_cert:
+            cmd += ["--tls", "--tlscert", self.tls_cert, "--tlskey", self.tls_key or ""]
         log.info("Starting nats-server url=%s data_dir=%s", self.url, self.data_dir)
         # Own process group: a Ctrl-C in the terminal of `ferry up` reaches us, and we stop it in order.
         self.proc = subprocess.Popen(

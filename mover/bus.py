@@ -246,7 +246,10 @@ def deliveries(msg: Msg) -> int:
 async def connect(options: BusOptions, **callbacks: Any) -> Bus:
     """Connect to NATS (reconnecting forever by default); ``BusError`` with one line when it cannot."""
 
+    errors: list[Exception] = []
+
     async def on_error(e: Exception) -> None:
+        errors.append(e)
         log.warning("NATS error url=%s error=%s", options.url, e)
 
     async def on_disconnect() -> None:
@@ -278,6 +281,10 @@ async def connect(options: BusOptions, **callbacks: Any) -> Bus:
     try:
         nc = await nats.connect(allow_reconnect=True, **kw)
     except (OSError, nats.errors.Error, TimeoutError) as e:
-        raise BusError(f"cannot connect: {e or type(e).__name__}", url=options.url) from None
+        # "no servers available" says little: the last error seen while trying says why (refused, auth, TLS).
+        # Prefer what the server said (authorization, TLS) over the socket error that followed it.
+        said = [x for x in errors if isinstance(x, nats.errors.Error) and not isinstance(x, nats.errors.NoServersError)]
+        cause = (said or errors or [e])[-1]
+        raise BusError(f"cannot connect: {cause or type(cause).__name__}", url=options.url) from None
     nc.options["max_reconnect_attempts"] = options.max_reconnect
     return Bus(nc, options)

@@ -50,3 +50,25 @@ def test_port_in_use_is_clear_error(tmp_path: Path) -> None:
         with pytest.raises(NatsServerError, match="nats-server"):
             second.start()
         assert not second.running()
+
+
+def test_auth_and_tls(tmp_path: Path) -> None:
+    from lab.pki import CA
+    from mover.bus import BusError, BusOptions, connect
+
+    ca = CA.create(tmp_path / "ca")
+    cert, key = ca.issue("nats", tmp_path / "tls")
+    with NatsServer(tmp_path / "n", user="ferry", password="s3cret", tls_cert=str(cert), tls_key=str(key)) as srv:
+        assert srv.url.startswith("tls://")
+
+        async def main() -> None:
+            ok = BusOptions(url=srv.url, user="ferry", password="s3cret", tls_ca=str(ca.cert_path))
+            bus = await connect(ok)
+            await bus.ensure_streams()
+            await bus.close()
+            with pytest.raises(BusError, match="cannot connect") as e:
+                await connect(BusOptions(url=srv.url, user="ferry", password="wrong", tls_ca=str(ca.cert_path),
+                                         connect_attempts=1))  # fmt: skip
+            assert "Authorization" in str(e.value) and "\n" not in str(e.value) and "wrong" not in str(e.value)
+
+        asyncio.run(main())
