@@ -139,7 +139,9 @@ def _export(job: jobs.ExportJob, opts: WorkerOptions, progress: Progress, cancel
         finally:
             source.close()
         info = _first_run_wins(store, job.job_id, info)
-    return jobs.JobResult(job.job_id, job.KIND, True, store_backup_id=info.id, stats=dict(info.stats))
+    # Which URL served the data (transfer or proxy, ticket cut short): the control plane shows it.
+    stats = dict(info.stats) | {"source": source.name}
+    return jobs.JobResult(job.job_id, job.KIND, True, store_backup_id=info.id, stats=stats)
 
 
 def _first_run_wins(store: Any, job_id: str, mine: Any) -> Any:

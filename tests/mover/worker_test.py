@@ -157,6 +157,7 @@ def test_export_restore_and_idempotence(env: Env) -> None:
             res = await bus.wait_result(job.job_id, timeout=30)
             assert res.ok and res.kind == "export" and res.store_backup_id and res.attempt == 1
             assert res.stats["read"] == SIZE - 2 * MiB  # the zero extents were not read
+            assert res.stats["source"].endswith("...") and job.source["transfer_url"] not in res.stats["source"]
             p = await progress
             assert p.total == SIZE and 0 < p.done <= SIZE
             # The same job again with another Msg-Id (as after the dedup window): acknowledged, not redone.
