@@ -182,7 +182,7 @@ class Lab:
         storage_domain (name), fill (0..1 of the size written as an ext4 of real files), seed, backup
         (incremental|none). Returns {"id", "name", "disks": [ids]}."""
         return dict(self.call("POST", "vms", {"name": name, "disks": disks or [{"size": 64 * 2**20}],
-                                              "start": start, "guest_agent": guest_agent, **kw}))
+                                              "start": start, "guest_agent": guest_agent, **kw}, timeout=3600))
 
     def write(self, vm: str, disk: int | str = 0, percent: float = 1.0, seed: int = 0) -> list[dict[str, Any]]:
         """The guest writes ``percent`` % of a disk at random 64 KiB clusters; returns the changed extents."""

@@ -55,46 +55,61 @@ def find_disk(e: Engine, v: dict[str, Any], key: int | str) -> dict[str, Any]:
     raise HttpError(404, f"Entity not found: disk {key} of VM {v['name']}")
 
 
-def fill_volume(path: Any, fmt: str, size: int, fill: float, seed: int) -> int:
-    """Copy a realistic ext4 image (lab.images) into an empty volume, zeros left unallocated."""
-    from lab.images import build_image
-
-    info = build_image(None, size, fill=fill, seed=seed, fmt="raw")
-    qemu.run(["qemu-img", "convert", "-n", "--target-is-zero", "-f", "raw", "-O", fmt, str(info.path), str(path)])
-    return int(info.data_bytes)
-
-
 def register(e: Engine) -> None:
     r = e.lab_router
 
     def create_vm(req: Request) -> Reply:
+        """Build the images first and copy them in without the engine lock: big disks take a while, and the
+        engine keeps answering meanwhile (the disks show as locked, as during a real copy)."""
+        from lab.images import build_image
+
         body = _body(req)
-        cl = body.get("cluster") or next(iter(e.state.coll("clusters")))
-        v = vms_mod.create_vm(e, body["name"], cl, memory=int(body.get("memory", 2**30)),
-                              cpus=int(body.get("cpus", 1)), guest_agent=bool(body.get("guest_agent", True)))
-        out = []
-        for i, spec in enumerate(body.get("disks", [])):
-            sd_name = spec.get("storage_domain", "nfs-data")
-            fmt = spec.get("format", "cow")
-            sd = types.StorageDomain(name=sd_name)
-            disk = types.Disk(
-                alias=spec.get("name", f"{body['name']}_Disk{i + 1}"), provisioned_size=int(spec.get("size", 64 * 2**20)),
-                format=types.DiskFormat(fmt), sparse=bool(spec.get("sparse", True)), storage_domains=[sd],
-                backup=types.DiskBackup(spec.get("backup", "incremental" if fmt == "cow" else "none")),
-            )
-            d = disks_mod.add_disk(e, disk, None, status="ok")
-            d.pop("due", None)
+        specs = list(body.get("disks", []))
+        images = []
+        for i, spec in enumerate(specs):
             fill = float(spec.get("fill", 0.5))
-            if fill > 0:
-                dom = e.backend.domains[d["sd"]]
-                fill_volume(dom.volume_path(d["id"], d["image"]), dom.qemu_format(d["id"], d["image"]),
-                            d["size"], fill, int(spec.get("seed", i)))
-            vms_mod.attach(e, v, d["id"], spec.get("interface", "virtio_scsi"), bootable=i == 0)
-            out.append(d["id"])
-        if body.get("start", True):
-            v.update(status="up", host=next(iter(e.state.coll("hosts"))), started=time.time())
-        e.state.add_event(f"VM {v['name']} was created by the lab.", code=34, vm=v["id"])
-        return json_reply({"id": v["id"], "name": v["name"], "disks": out}, 201)
+            size = int(spec.get("size", 64 * 2**20))
+            images.append(build_image(None, size, fill=fill, seed=int(spec.get("seed", i)), fmt="raw")
+                          if fill > 0 else None)
+        with e.state.lock:
+            cl = body.get("cluster") or next(iter(e.state.coll("clusters")))
+            v = vms_mod.create_vm(e, body["name"], cl, memory=int(body.get("memory", 2**30)),
+                                  cpus=int(body.get("cpus", 1)), guest_agent=bool(body.get("guest_agent", True)))
+            made = []
+            for i, spec in enumerate(specs):
+                fmt = spec.get("format", "cow")
+                disk = types.Disk(
+                    alias=spec.get("name", f"{body['name']}_Disk{i + 1}"),
+                    provisioned_size=int(spec.get("size", 64 * 2**20)), format=types.DiskFormat(fmt),
+                    sparse=bool(spec.get("sparse", True)),
+                    storage_domains=[types.StorageDomain(name=spec.get("storage_domain", "nfs-data"))],
+                    backup=types.DiskBackup(spec.get("backup", "incremental" if fmt == "cow" else "none")),
+                )
+                d = disks_mod.add_disk(e, disk, None, status="locked")
+                d["busy"] = True
+                made.append(d)
+            e.state.save()
+        try:
+            for d, img in zip(made, images, strict=True):
+                if img is not None:
+                    dom = e.backend.domains[d["sd"]]
+                    qemu.run(["qemu-img", "convert", "-n", "--target-is-zero", "-f", "raw", "-O",
+                              dom.qemu_format(d["id"], d["image"]), str(img.path),
+                              str(dom.volume_path(d["id"], d["image"]))], timeout=3600)
+        finally:
+            with e.state.lock:
+                for d in made:
+                    d.pop("busy", None)
+        with e.state.lock:
+            for i, (d, spec) in enumerate(zip(made, specs, strict=True)):
+                vms_mod.attach(e, v, d["id"], spec.get("interface", "virtio_scsi"), bootable=i == 0, created=True)
+            if body.get("start", True):
+                v.update(status="up", host=next(iter(e.state.coll("hosts"))), started=time.time())
+            e.state.add_event(f"VM {v['name']} was created by the lab.", code=34, vm=v["id"])
+            e.state.save()
+        return json_reply({"id": v["id"], "name": v["name"], "disks": [d["id"] for d in made]}, 201)
+
+    create_vm.unlocked = True  # type: ignore[attr-defined]
 
     def write(req: Request, vm: str) -> Reply:
         from lab import guest
