@@ -17,7 +17,10 @@ from tests.control.plane import Plane
 MIB = 2**20
 
 
-def make_vm(lab: Lab, name: str, agent: bool = True) -> dict[str, Any]:
+def make_vm(lab: Lab, name: str, agent: bool = True, small: bool = False) -> dict[str, Any]:
+    if small:
+        return lab.create_vm(name, guest_agent=agent, disks=[
+            {"size": 16 * MIB, "format": "cow", "sparse": True, "fill": 0.3, "seed": 3, "backup": "incremental"}])
     return lab.create_vm(name, guest_agent=agent, disks=[
         {"size": 64 * MIB, "format": "cow", "sparse": True, "fill": 0.4, "seed": 1, "backup": "incremental"},
         {"size": 32 * MIB, "format": "cow", "sparse": True, "fill": 0.3, "seed": 2, "backup": "incremental"},
@@ -116,3 +119,17 @@ def test_listing_and_inventory(plane: Plane, lab: Lab) -> None:
     assert "ferry-proxy" in {v["name"] for v in vms}
     listed = plane.ferry("backups").stdout
     assert "ID" in listed.splitlines()[0]
+
+
+def test_freeze_thaw_around_the_snapshot_only_with_an_agent(plane: Plane, lab: Lab) -> None:
+    vm = make_vm(lab, "web-agent", small=True)
+    backup(plane, vm["name"], "--type", "full", "--method", "snapshot")
+    ours = [r for r in lab.freeze_log(vm["id"]) if r.get("by") != "engine"]
+    snap = [r for r in lab.freeze_log(vm["id"]) if r.get("by") == "engine"]
+    assert [r["op"] for r in ours] == ["freeze", "thaw"]
+    assert snap and ours[0]["time"] <= snap[0]["time"] <= ours[1]["time"]  # the snapshot inside the freeze
+
+    lab.set_guest_agent(vm["id"], False)
+    n = len(lab.freeze_log(vm["id"]))
+    backup(plane, vm["name"], "--type", "incremental", "--method", "snapshot")
+    assert len(lab.freeze_log(vm["id"])) == n  # no agent: no freeze asked (it would fail)
