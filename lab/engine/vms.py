@@ -62,7 +62,7 @@ def followed(e: Engine, v: dict[str, Any], vm: types.Vm, follow: str | None) -> 
     if wanted & {"disk_attachments", "disk_attachments.disk"}:
         atts = []
         for did, a in v["attachments"].items():
-            att = attachment_obj(v["id"], did, a)
+            att = attachment_obj(v["id"], did, a, v)
             d = e.state.coll("disks").get(did)
             if "disk_attachments.disk" in wanted and d is not None:
                 att.disk = disks_mod.disk_obj(e, d)
@@ -71,14 +71,18 @@ def followed(e: Engine, v: dict[str, Any], vm: types.Vm, follow: str | None) -> 
     return vm
 
 
-def attachment_obj(vm_id: str, did: str, a: dict[str, Any]) -> types.DiskAttachment:
+def attachment_obj(vm_id: str, did: str, a: dict[str, Any], v: dict[str, Any] | None = None) -> types.DiskAttachment:
+    logical = a.get("logical_name")
+    if logical is None and v is not None and v["status"] == "up" and v.get("guest_agent") and not v.get("proxy"):
+        # The guest agent of a running VM reports device names: disks appear as sdX in attachment order.
+        logical = "/dev/sd" + "abcdefghijklmnopqrstuvwxyz"[list(v["attachments"]).index(did) % 26]
     return new(types.DiskAttachment,
         id=did, href=href("vms", vm_id, "diskattachments", did),
         disk=ref(types.Disk, did, "disks"), vm=ref(types.Vm, vm_id, "vms"),
         interface=types.DiskInterface(a.get("interface", "virtio_scsi")),
         bootable=bool(a.get("bootable")), active=bool(a.get("active", True)),
         read_only=bool(a.get("read_only")), pass_discard=False, uses_scsi_reservation=False,
-        logical_name=a.get("logical_name"),
+        logical_name=logical,
     )
 
 
@@ -132,9 +136,6 @@ def attach(e: Engine, v: dict[str, Any], did: str, interface: str = "virtio_scsi
             vol = d["image"]
         image = dom.volume_path(did, vol)
         a["logical_name"] = e.backend.proxyvm.attach(did, image, dom.qemu_format(did, vol), read_only=a["read_only"])
-    elif v["status"] == "up" and v.get("guest_agent"):
-        # The guest agent reports device names of running VMs: virtio-scsi disks appear as sdX in order.
-        a["logical_name"] = "/dev/sd" + "abcdefghijklmnopqrstuvwxyz"[len(v["attachments"]) % 26]
     v["attachments"][did] = a
     if snapshot is None:
         d["vm_snapshot"] = v["active_snapshot"]
@@ -257,13 +258,13 @@ def register(e: Engine) -> None:
 
     def list_att(req: Request, id: str) -> Reply:
         v = get_vm(id)
-        return list_reply([attachment_obj(id, did, a) for did, a in v["attachments"].items()], "disk_attachments")
+        return list_reply([attachment_obj(id, did, a, v) for did, a in v["attachments"].items()], "disk_attachments")
 
     def get_att(req: Request, id: str, did: str) -> Reply:
         v = get_vm(id)
         if did not in v["attachments"]:
             raise HttpError(404, f"Entity not found: disk attachment: id={did}")
-        return obj_reply(attachment_obj(id, did, v["attachments"][did]))
+        return obj_reply(attachment_obj(id, did, v["attachments"][did], v))
 
     def add_att(req: Request, id: str) -> Reply:
         v = get_vm(id)
@@ -281,7 +282,7 @@ def register(e: Engine) -> None:
         snap = spec.disk.snapshot.id if spec.disk.snapshot else None
         a = attach(e, v, did, spec.interface.value, bool(spec.bootable),
                    True if spec.active is None else bool(spec.active), bool(spec.read_only), snap, created)
-        return obj_reply(attachment_obj(id, did, a), 201)
+        return obj_reply(attachment_obj(id, did, a, v), 201)
 
     def update_att(req: Request, id: str, did: str) -> Reply:
         v = get_vm(id)
@@ -297,7 +298,7 @@ def register(e: Engine) -> None:
             a["read_only"] = spec.read_only
         if spec.active is not None:
             a["active"] = spec.active
-        return obj_reply(attachment_obj(id, did, a))
+        return obj_reply(attachment_obj(id, did, a, v))
 
     def remove_att(req: Request, id: str, did: str) -> Reply:
         v = get_vm(id)

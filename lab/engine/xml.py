@@ -21,8 +21,7 @@ LINKS: dict[str, tuple[str, ...]] = {
     "disk": ("disksnapshots",),
     "backup": ("disks",),
     "checkpoint": ("disks",),
-    "storage_domain": ("disks", "disksnapshots", "vms"),
-    "host": ("storage",),
+    "storage_domain": ("disks", "disksnapshots"),
 }
 
 

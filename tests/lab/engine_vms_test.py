@@ -130,6 +130,11 @@ def test_start_stop_freeze_thaw(sdk: Any, lab: Lab) -> None:
         time.sleep(0.05)
     with pytest.raises(ovirtsdk4.Error, match="VM is running"):
         svc.remove()
+    d = wait_disk_ok(sdk, new_disk(sdk).id)
+    svc.disk_attachments_service().add(types.DiskAttachment(disk=types.Disk(id=d.id),
+                                                            interface=types.DiskInterface.VIRTIO_SCSI))
+    # The guest agent of the running VM reports the device name.
+    assert svc.disk_attachments_service().list()[0].logical_name == "/dev/sda"
     t0 = time.time()
     svc.freeze_filesystems()
     svc.thaw_filesystems()
