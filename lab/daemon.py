@@ -242,6 +242,7 @@ def _recover(st: State) -> None:
         if not t["phase"].startswith("finished"):
             t["phase"] = "finished_failure"
     for dk in st.coll("disks").values():
+        dk.pop("busy", None)
         if dk["status"] == "locked" and not dk.get("job"):
             dk["status"] = "ok"
 
