@@ -81,6 +81,21 @@ class TwoBackups:
     packs_a: set[Path]
 
 
+def library_backup(store: Path, image: Path) -> str:
+    """Set-up backups go through the library (the bad inputs themselves go through the ``ferry`` CLI)."""
+    from mover.pipeline import backup
+    from mover.sources.file import FileSource
+    from mover.store.repo import Store
+
+    s = Store.open(str(store), create=True)
+    src = FileSource(str(image))
+    try:
+        return backup(s, src).id  # type: ignore[arg-type]
+    finally:
+        src.close()
+        s.close()
+
+
 @pytest.fixture
 def two_backups(tmp_path: Path) -> TwoBackups:
     """A store with backups of two unrelated images; A's blocks are in packs of their own."""
@@ -88,9 +103,9 @@ def two_backups(tmp_path: Path) -> TwoBackups:
     img_a, img_b = tmp_path / "a.img", tmp_path / "b.img"
     random_image(img_a, 4 * MiB)
     random_image(img_b, 4 * MiB)
-    a = ferry_json("image", "backup", str(img_a), "--store", str(store))["id"]
+    a = library_backup(store, img_a)
     packs_a = packs(store)
-    b = ferry_json("image", "backup", str(img_b), "--store", str(store))["id"]
+    b = library_backup(store, img_b)
     assert packs_a and packs(store) - packs_a
     return TwoBackups(store, a, b, img_a, img_b, packs_a)
 

@@ -1,8 +1,15 @@
-"""``ferry image backup|restore|list|delete``, ``ferry prune``, ``ferry check`` end to end, as subprocesses."""
+"""``ferry image backup|restore|list|delete``, ``ferry prune``, ``ferry check`` end to end.
+
+Most cases call the CLI's ``main()`` in-process (the same parser, commands and error mapping, without paying
+the interpreter start for every command); a few run the real ``ferry`` executable, and
+``badinput_test.py`` runs every bad input through it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -17,8 +24,16 @@ FERRY = [str(Path(sys.executable).parent / "ferry")]
 
 
 def ferry(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run ``ferry ARGS``; with ``check``, fail the test (showing stderr) on a non-zero exit."""
-    p = subprocess.run(FERRY + list(args), capture_output=True, text=True, timeout=120)
+    """Run ``ferry ARGS`` in-process; with ``check``, fail the test (showing stderr) on a non-zero exit."""
+    from control.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(list(args))
+        except SystemExit as e:  # argparse errors and --help
+            rc = int(e.code or 0)
+    p = subprocess.CompletedProcess(["ferry", *args], rc, out.getvalue(), err.getvalue())
     if check and p.returncode != 0:
         pytest.fail(f"ferry {' '.join(args)} exited {p.returncode}: {p.stderr}")
     return p
