@@ -101,6 +101,10 @@ def register(e: Engine) -> None:
                 for d in made:
                     d.pop("busy", None)
         with e.state.lock:
+            for d in made:
+                if d["status"] == "locked":
+                    d["status"] = "ok"
+                    e.end_job(d.pop("job", None))
             for i, (d, spec) in enumerate(zip(made, specs, strict=True)):
                 vms_mod.attach(e, v, d["id"], spec.get("interface", "virtio_scsi"), bootable=i == 0, created=True)
             if body.get("start", True):

@@ -4,6 +4,7 @@ checkpoint removal, a broken checkpoint."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import uuid
@@ -137,7 +138,18 @@ def test_full_then_incremental(lab: Lab, sdk: Any, tmp_path: Path) -> None:
             buf = bytearray(e.length)
             c.read(e.start, memoryview(buf))
             image[e.start:e.start + e.length] = buf
+    # The client's own incremental download: a qcow2 holding only the dirty extents, on top of the full.
+    client.download(url, str(tmp_path / "inc.qcow2"), lab.ca_file, fmt="qcow2", incremental=True,
+                    backing_file=str(tmp_path / "full.raw"), backing_format="raw")
     end(tsvc)
+    inc_raw = tmp_path / "inc.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(tmp_path / "inc.qcow2"), str(inc_raw)], check=True)
+    assert inc_raw.read_bytes() == after_writes
+    alloc = subprocess.run(["qemu-img", "map", "--output=json", str(tmp_path / "inc.qcow2")],
+                           capture_output=True, text=True, check=True).stdout
+
+    own = [m for m in json.loads(alloc) if m["depth"] == 0 and m["data"]]
+    assert sum(m["length"] for m in own) == sum(e.length for e in dirty)
     finalize(b2svc)
     # The dirty extents are exactly the writes after the first backup's point in time (during it, and after).
     assert merged([{"start": e.start, "length": e.length} for e in dirty]) == merged(during + wrote)
