@@ -133,3 +133,21 @@ def test_freeze_thaw_around_the_snapshot_only_with_an_agent(plane: Plane, lab: L
     n = len(lab.freeze_log(vm["id"]))
     backup(plane, vm["name"], "--type", "incremental", "--method", "snapshot")
     assert len(lab.freeze_log(vm["id"])) == n  # no agent: no freeze asked (it would fail)
+
+
+def test_restore_to_another_domain_started(plane: Plane, lab: Lab) -> None:
+    vm = make_vm(lab, "web-move", small=True)
+    b = backup(plane, vm["name"], "--type", "full")
+    sd = lab.storage_domain("iscsi-data")
+    r = plane.ferry_json("restore", b["id"][:8], "--name", "web-moved", "--storage-domain", sd["name"], "--start")
+    assert r["state"] == "succeeded", r
+    new = restored_disks(plane, r["restore_id"])
+    with EngineClient(lab.url, lab.user, lab.password, lab.ca_file) as c:
+        rvm = c.find_vm("web-moved")
+        assert rvm.status.value in ("powering_up", "up")
+        (disk,) = c.vm_disks(rvm.id)
+        assert disk.storage_domain == sd["id"] and disk.format == "cow" and disk.size == 16 * MIB
+    assert same(lab.volume_paths(vm["disks"][0])[-1], lab.volume_paths(new[vm["disks"][0]])[-1])
+    # The same name again is refused with one clear line, and leaves nothing behind.
+    r2 = plane.ferry("restore", b["id"], "--name", "web-moved", check=False)
+    assert r2.returncode != 0 and "exists already" in r2.stderr
