@@ -37,6 +37,17 @@ def parse_size(value: str) -> int:
     return n * _UNITS[unit]
 
 
+def parse_block_size(value: str) -> int:
+    """A ``--block-size``: a power of two the store accepts (checked here for a clear usage error)."""
+    from mover.store.config import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
+
+    n = parse_size(value)
+    if n < MIN_BLOCK_SIZE or n > MAX_BLOCK_SIZE or n & (n - 1):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a power of two from {MIN_BLOCK_SIZE // 1024}K to {MAX_BLOCK_SIZE // 1024**2}M")
+    return n
+
+
 def parse_label(value: str) -> tuple[str, str]:
     key, sep, val = value.partition("=")
     if not sep or not key:
@@ -59,6 +70,10 @@ def open_store(args: argparse.Namespace, create: bool = False) -> Iterator[Store
     if create and getattr(args, "block_size", None):
         kw["block_size"] = args.block_size
     store = Store.open(args.store, **kw)
+    if create and getattr(args, "block_size", None) and store.block_size != args.block_size:
+        store.close()
+        raise UsageError(f"store {args.store} has {store.block_size}-byte blocks; --block-size only applies "
+                         "to a new store")
     try:
         # Store narrows save_backup to its own Manifest class; every manifest it hands out is one.
         yield cast(StoreAPI, store)
@@ -289,8 +304,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         "/extents?context=dirty); needs --base")
     p.add_argument("--label", metavar="KEY=VALUE", action="append", type=parse_label,
                    help="metadata to keep with the backup (repeatable)")
-    p.add_argument("--block-size", type=parse_size, metavar="N",
-                   help="block size of a new store (e.g. 256K); ignored for an existing one")
+    p.add_argument("--block-size", type=parse_block_size, metavar="N",
+                   help="block size of a new store (e.g. 256K, from 64K to 4M); an existing store keeps its own")
     p.add_argument("--readers", type=int, metavar="N", help="parallel readers of the source")
     p.add_argument("--direct", action="store_true",
                    help="read a block device with O_DIRECT (bypass the page cache); ignored for files")

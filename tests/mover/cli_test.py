@@ -121,6 +121,7 @@ USAGE_ERRORS = [
     (["image", "backup", "IMG", "--changed", "CHANGED"], 2, "--changed needs --base"),
     (["image", "backup", "IMG", "--base", "nosuch"], 5, "backup nosuch not found"),
     (["image", "backup", "IMG", "--base", "BASE", "--changed", "BADJSON"], 2, "not valid JSON"),
+    (["image", "backup", "IMG", "--block-size", "1M"], 2, "--block-size only applies to a new store"),
 ]
 
 
