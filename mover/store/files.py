@@ -9,12 +9,16 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 
 from mover.store import pack
 
 MAX_OPEN_PACKS = 64  # restores read packs roughly in order, so a few dozen cover the working set
+# An open descriptor of a pack that prune deleted keeps its disk space allocated: look for such packs
+# this often (one stat per open pack), and whenever the store re-lists its index.
+SWEEP_INTERVAL = 30.0
 
 
 class _Handle:
@@ -32,10 +36,13 @@ class PackFiles:
         self.limit = limit
         self._lock = threading.Lock()
         self._open: OrderedDict[str, _Handle] = OrderedDict()
+        self._swept = time.monotonic()
 
     @contextlib.contextmanager
     def use(self, name: str) -> Iterator[int]:
         """A descriptor of pack ``name`` for the duration of the block (``FileNotFoundError`` if gone)."""
+        if time.monotonic() - self._swept > SWEEP_INTERVAL:
+            self.sweep()
         with self._lock:
             h = self._open.get(name)
             if h is None:
@@ -56,6 +63,21 @@ class PackFiles:
                 h.users -= 1
                 if h.evicted and h.users == 0:
                     os.close(h.fd)
+
+    def _drop(self, name: str) -> None:
+        h = self._open.pop(name)
+        h.evicted = True
+        if h.users == 0:
+            os.close(h.fd)
+
+    def sweep(self) -> int:
+        """Close the descriptors of packs that no longer exist (so their space is freed); returns how many."""
+        with self._lock:
+            self._swept = time.monotonic()
+            gone = [n for n in self._open if not os.path.exists(pack.pack_path(self.root, n))]
+            for name in gone:
+                self._drop(name)
+        return len(gone)
 
     def close(self) -> None:
         """Close every descriptor not in use (those in use close when their user is done)."""

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from mover.errors import StoreCorrupt
+from mover.errors import StoreCorrupt, StoreFull
 from mover.store import check, fsutil, index, lock, pack
 
 if TYPE_CHECKING:
@@ -52,7 +52,17 @@ def prune(store: Store, wait: float = 60.0, rewrite_fraction: float = REWRITE_DE
         store_lock = lock.FileLock(root, lock.STORE_LOCK)
         store_lock.acquire(exclusive=True, timeout=wait, busy="a backup is running; try again later")
         try:
-            return _prune(store, rewrite_fraction)
+            try:
+                return _prune(store, rewrite_fraction)
+            except StoreFull as e:
+                if rewrite_fraction > 1:
+                    raise
+                # A full store is when prune matters most, and rewriting needs room: free what can be
+                # freed without writing new packs (whole dead packs), then let the next prune rewrite.
+                log.warning("No space to rewrite packs, pruning without rewriting reason=%r", e.reason)
+                result = _prune(store, rewrite_fraction=2.0)
+                result["rewrite_skipped_no_space"] = 1
+                return result
         finally:
             store_lock.release()
     finally:
@@ -78,14 +88,19 @@ def _prune(store: Store, rewrite_fraction: float) -> dict[str, int]:
         finally:
             m.close()
 
-    # per pack: [live bytes, dead bytes]
-    usage: dict[str, list[int]] = {}
+    # per pack: live bytes by the index; dead bytes are the rest of the file, so records an earlier
+    # prune dropped from the index without rewriting their pack (no room then) still count as garbage
+    live_bytes: dict[str, int] = {}
     for s, flags in zip(segments, live, strict=True):
         for i in range(s.count):
             bid, off, slen, rlen, pno, fl = s.raw(i)
-            u = usage.setdefault(s.packs[pno], [0, 0])
-            u[0 if flags[i] else 1] += pack.RECORD.size + slen
+            p = s.packs[pno]
+            live_bytes[p] = live_bytes.get(p, 0) + (pack.RECORD.size + slen if flags[i] else 0)
     on_disk = check.pack_names(root)
+    usage: dict[str, list[int]] = {}
+    for p, lv in live_bytes.items():
+        size = os.path.getsize(pack.pack_path(root, p)) - pack.HEADER.size if p in on_disk else lv
+        usage[p] = [lv, max(0, size - lv)]
     delete = {p for p, (lv, _) in usage.items() if lv == 0}
     rewrite = {p for p, (lv, dead) in usage.items() if lv and dead and dead >= rewrite_fraction * (lv + dead)}
     delete |= {p for p in usage if p not in on_disk}  # already gone: just drop its entries
@@ -180,7 +195,7 @@ def _prune(store: Store, rewrite_fraction: float) -> dict[str, int]:
         else:
             fsutil.remove(path)
     idx.close()
-    store.index.refresh()
+    store.refresh()
     dead_blocks = sum(f.count(0) for f in live)
     result = {
         "backups": len(backups),

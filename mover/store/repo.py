@@ -126,6 +126,11 @@ class Store:
         raw = kernels.block_ids(self.config.hash, self._key, data, self.block_size, zero)
         return [raw[i : i + 32] for i in range(0, len(raw), 32)]
 
+    def refresh(self) -> None:
+        """See what other processes did: new and removed index segments, deleted packs."""
+        self.index.refresh()
+        self._packs.sweep()
+
     def has(self, block_id: bytes) -> bool:
         return block_id == ZERO_ID or self.index.find(block_id) is not None
 
@@ -168,7 +173,7 @@ class Store:
         err: StoreCorrupt | None = None
         for attempt in range(2):
             if attempt:
-                self.index.refresh()
+                self.refresh()
             for entry in self.index.find_all(block_id):
                 try:
                     return self.read_entry(entry, verify)

@@ -188,5 +188,24 @@ def test_store_full(small_fs: Path) -> None:
         s.prune()  # frees the packs the failed backup committed before the disk filled
         assert restore_bytes(s, first.id) == small
         assert s.check(read_data=True)["warnings"] == []
+
+        # prune on a full disk: rewriting a half-dead pack needs room, deleting whole dead packs does not
+        old = backup_bytes(s, image(40, 10))
+        shared = image(40, 10)[: 20 * BS] + image(20, 11)  # keeps half of old's blocks
+        keep = backup_bytes(s, shared)
+        s.delete_backup(old.id)
+        s.delete_backup(first.id)
+        filler = small_fs / "filler"
+        with open(filler, "wb") as f, pytest.raises(OSError):
+            while True:
+                f.write(b"\xff" * (1 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+        result = s.prune()
+        assert result.get("rewrite_skipped_no_space") == 1 and result["packs_rewritten"] == 0
+        assert restore_bytes(s, keep.id) == shared and s.check(read_data=True)["ok"]
+        filler.unlink()
+        assert s.prune()["packs_rewritten"] >= 1  # with room again, the half-dead pack is rewritten
+        assert restore_bytes(s, keep.id) == shared and s.check(read_data=True)["ok"]
     finally:
         s.close()
