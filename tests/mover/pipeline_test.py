@@ -4,6 +4,7 @@ incrementals (``--changed`` and full re-read), several readers, loop devices, fa
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mover.errors import Cancelled, SourceError, UsageError
 from mover.kernels import ZERO_ID
@@ -244,3 +247,31 @@ def test_loop_device_source_and_sink(store: StoreAPI, loop_pair: tuple[str, str,
     finally:
         sink.close()
     assert sha(dst_dev) == sha(img)
+
+
+@given(
+    bs=st.sampled_from([512, 4096, 65536]),
+    cuts=st.lists(st.integers(min_value=1, max_value=300_000), min_size=1, max_size=12),
+    flags=st.lists(st.booleans(), min_size=12, max_size=12),
+)
+def test_touched_blocks_match_reference(bs: int, cuts: list[int], flags: list[bool]) -> None:
+    """``_touched`` finds exactly the blocks any wanted extent overlaps, as maximal runs."""
+    from mover.pipeline import _touched
+
+    pos = 0
+    extents = []
+    for length, want in zip(cuts, flags, strict=False):
+        extents.append(Extent(pos, length, zero=not want, dirty=want))
+        pos += length  # contiguous, as sources report them
+    want_blocks: set[int] = set()
+    for e in extents:
+        if e.dirty:
+            want_blocks.update(range(e.start // bs, (e.end + bs - 1) // bs))
+    runs = list(_touched(iter(extents), bs, lambda e: e.dirty))
+    got: set[int] = set()
+    for first, end in runs:
+        assert first < end
+        got.update(range(first, end))
+    assert got == want_blocks
+    for (_, a_end), (b_first, _) in itertools.pairwise(runs):
+        assert a_end < b_first  # maximal: runs neither overlap nor touch
