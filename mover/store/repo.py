@@ -23,7 +23,7 @@ import zstandard
 from mover import kernels
 from mover.errors import NotFound, StoreCorrupt, StoreError
 from mover.store import config as cfg
-from mover.store import files, fsutil, index, lock, pack
+from mover.store import files, fsutil, index, lock, objects, pack
 from mover.store import manifest as mf
 from mover.store.api import ZERO_ID, BackupInfo
 from mover.store.writer import Writer
@@ -332,6 +332,22 @@ class Store:
             raise fsutil.store_error(e, self.path, f"cannot delete backup {backup_id}") from e
         shutil.rmtree(trash, ignore_errors=True)
         log.info("Deleted backup id=%s", backup_id)
+
+    # --- small named objects (VM records, OVF) ---------------------------------------------------------
+
+    def put_object(self, kind: str, name: str, data: bytes) -> None:
+        """Store ``data`` as object ``kind/name`` (atomically; replaces an older one)."""
+        objects.put(self.path, kind, name, data)
+
+    def get_object(self, kind: str, name: str) -> bytes:
+        """The bytes of object ``kind/name`` (``NotFound`` if there is none)."""
+        return objects.get(self.path, kind, name)
+
+    def object_names(self, kind: str) -> list[str]:
+        return objects.names(self.path, kind)
+
+    def delete_object(self, kind: str, name: str) -> None:
+        objects.delete(self.path, kind, name)
 
     # --- maintenance --------------------------------------------------------------------------------
 

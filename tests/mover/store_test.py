@@ -333,3 +333,17 @@ def test_prune_deletes_and_rewrites_packs(store: Store) -> None:
     assert restore_bytes(store, b.id) == changed
     assert store.check(read_data=True)["ok"]
     assert store.prune()["packs_rewritten"] == 0  # nothing left to do
+
+
+def test_named_objects(store: Store) -> None:
+    ovf = b"<ovf:Envelope>...</ovf:Envelope>"
+    store.put_object("vm", "vm-1@2026", ovf)
+    store.put_object("vm", "vm-1@2026", ovf + b"!")  # replaced atomically
+    assert store.get_object("vm", "vm-1@2026") == ovf + b"!"
+    assert store.object_names("vm") == ["vm-1@2026"] and store.object_names("none") == []
+    with pytest.raises(StoreError, match="invalid object name"):
+        store.put_object("vm", "../config.json", b"x")
+    store.delete_object("vm", "vm-1@2026")
+    with pytest.raises(NotFound):
+        store.get_object("vm", "vm-1@2026")
+    assert os.listdir(os.path.join(store.path, "tmp")) == []
