@@ -110,7 +110,9 @@ def register(e: Engine) -> None:
             up = [rt.id for rt in e.backend.hosts.values() if rt.reachable]
             if not up:
                 raise HttpError(409, "Cannot transfer Virtual Disk: no host in status Up in the data center.")
-            host = up[0]
+            # As the engine: a backup's disks are served by the host running the VM.
+            vm_host = e.state.coll("backups")[backup].get("host") if backup else None
+            host = vm_host if vm_host in up else up[0]
         tid = new_id()
         t = {
             "id": tid, "direction": direction, "format": fmt, "disk": d["id"], "snapshot": snapshot,

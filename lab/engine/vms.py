@@ -215,7 +215,8 @@ def register(e: Engine) -> None:
         v = get_vm(id)
         if v["status"] != "down":
             raise HttpError(409, "Cannot run VM. VM is running.")
-        hosts = [h for h in vms("hosts").values() if h["cluster"] == v["cluster"]]
+        hosts = [h for h in vms("hosts").values() if h["cluster"] == v["cluster"]
+                 and getattr(e.backend.hosts.get(h["id"]), "reachable", True)]
         v["host"] = hosts[0]["id"] if hosts else None
         v["status"] = "powering_up"
         v["due"] = time.time() + START_DELAY
