@@ -230,14 +230,16 @@ def _start(e: Engine, b: dict[str, Any]) -> None:
             d = e.state.coll("disks")[did]
             dom = e.backend.domains[d["sd"]]
             top, layer = d["image"], new_id()
+            tracked = d["format"] == "cow" and d.get("backup") == "incremental"
+            if tracked:
+                # The new checkpoint's bitmap goes on the top first; add_layer carries it to the new layer,
+                # which records every write after this point in time (lab/README.md, storage section).
+                dom.add_bitmap(did, top, b["to_checkpoint"])
             dom.add_layer(did, top, layer)
             d["image"] = layer
             d["vols"][layer] = d["vols"].get(top)
             d.setdefault("hidden", []).append(top)
             b["temp"][did] = {"frozen": top, "layer": layer}
-            tracked = d["format"] == "cow" and d.get("backup") == "incremental"
-            if tracked:
-                dom.add_bitmap(did, layer, b["to_checkpoint"])
             if cp is not None and tracked and did in cp["disks"]:
                 overlay = dom.backup_overlay(did, top, frm, work / f"{did}.qcow2")
                 b["exports"][did] = {"path": str(overlay), "fmt": "qcow2", "bitmap": frm}
