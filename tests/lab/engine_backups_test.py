@@ -46,7 +46,7 @@ def finalize(svc: Any) -> None:
     assert b.phase == B.SUCCEEDED
 
 
-def transfer(sdk: Any, disk: str, backup: str) -> tuple[Any, str]:
+def transfer(sdk: Any, disk: str, backup: str, proxy: bool = False) -> tuple[Any, str]:
     transfers = sdk.system_service().image_transfers_service()
     t = transfers.add(types.ImageTransfer(disk=types.Disk(id=disk), backup=types.Backup(id=backup),
                                           direction=types.ImageTransferDirection.DOWNLOAD,
@@ -55,7 +55,7 @@ def transfer(sdk: Any, disk: str, backup: str) -> tuple[Any, str]:
     while t.phase != types.ImageTransferPhase.TRANSFERRING:
         time.sleep(0.05)
         t = svc.get()
-    return svc, t.transfer_url
+    return svc, t.proxy_url if proxy else t.transfer_url
 
 
 def end(svc: Any) -> None:
@@ -141,6 +141,11 @@ def test_full_then_incremental(lab: Lab, sdk: Any, tmp_path: Path) -> None:
     # The client's own incremental download: a qcow2 holding only the dirty extents, on top of the full.
     client.download(url, str(tmp_path / "inc.qcow2"), lab.ca_file, fmt="qcow2", incremental=True,
                     backing_file=str(tmp_path / "full.raw"), backing_format="raw")
+    end(tsvc)
+    # Through the engine's proxy (imageio in the proxy role): the same dirty extents.
+    tsvc, purl = transfer(sdk, d0, b2.id, proxy=True)
+    with client.ImageioClient(purl, cafile=lab.ca_file) as c:
+        assert [(e.start, e.length) for e in c.extents("dirty") if e.dirty] == [(e.start, e.length) for e in dirty]
     end(tsvc)
     inc_raw = tmp_path / "inc.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(tmp_path / "inc.qcow2"), str(inc_raw)], check=True)
