@@ -24,8 +24,18 @@ def _q(tag: str) -> str:
     return f"{{{NS[p]}}}{t}"
 
 
+# oVirt writes these disk attributes with dashes (ovf:volume-format), which Python keywords cannot carry.
+DASHED = {"volume_format", "volume_type", "disk_interface", "read_only", "pass_discard", "disk_alias",
+          "disk_description", "wipe_after_delete"}
+
+
+def _attr(key: str) -> str:
+    prefix, _, name = key.partition("__")
+    return _q(f"{prefix}:{name.replace('_', '-') if name in DASHED else name}")
+
+
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
-    el = ET.SubElement(parent, _q(tag) if ":" in tag else tag, {(_q(k.replace("__", ":"))): v for k, v in attrs.items()})
+    el = ET.SubElement(parent, _q(tag) if ":" in tag else tag, {_attr(k): v for k, v in attrs.items()})
     if text is not None:
         el.text = text
     return el
