@@ -110,9 +110,25 @@ def _scan_segment(store: Store, seg: index.Segment, scan: _Scan, read_data: bool
 
 
 def check(store: Store, read_data: bool = False) -> dict[str, Any]:
-    """Check ``store``; with ``read_data`` re-read, decompress and re-hash every indexed block."""
+    """Check ``store``; with ``read_data`` re-read, decompress and re-hash every indexed block.
+
+    Holds the shared store lock (as a backup does), so no prune deletes packs under it; backups and
+    index compactions may run meanwhile.
+    """
+    store.hold()
+    try:
+        return _check(store, read_data)
+    finally:
+        store.unhold()
+
+
+def _check(store: Store, read_data: bool) -> dict[str, Any]:
     root = store.path
-    idx = index.Index(root)  # a fresh view: no segment cached from before the damage
+    for _ in range(5):
+        idx = index.Index(root)  # a fresh view: no segment cached from before the damage
+        if not idx.vanished:
+            break
+        idx.close()  # a compaction replaced segments while we listed them: list again
     scan = _Scan(on_disk=pack_names(root))
     warnings: list[str] = []
     for name, reason in sorted(idx.bad.items()):

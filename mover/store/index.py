@@ -164,6 +164,7 @@ class Index:
         self._segments: tuple[Segment, ...] = ()
         self.bad: dict[str, str] = {}  # segment name -> why it could not be used
         self._bad_stat: dict[str, tuple[int, int, int]] = {}  # retried once the file changes (repair)
+        self.vanished = 0  # segments listed but gone when opened: the listing may have missed their merge
         self.refresh()
 
     def names(self) -> list[str]:
@@ -189,7 +190,8 @@ class Index:
                         seg = Segment(self.root, name)
                         self.bad.pop(name, None)
                     except FileNotFoundError:
-                        continue  # removed by a compaction between listdir and open
+                        self.vanished += 1  # removed by a compaction between listdir and open
+                        continue
                     except StoreCorrupt as e:
                         self.bad[name] = e.reason
                         self._bad_stat[name] = sig
