@@ -23,7 +23,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from mover.errors import Cancelled, FerryError, SourceError, StoreError, StoreFull, UsageError
+from mover.crew import Crew
+from mover.errors import FerryError, SourceError, StoreError, StoreFull, UsageError
 from mover.kernels import ZERO_ID, zero_flags
 from mover.progress import Progress
 from mover.sources.base import Extent, Source
@@ -35,81 +36,9 @@ log = logging.getLogger(__name__)
 # kernel) is noise, small enough that the whole pool stays a few tens of MiB.
 CHUNK = 4 * 1024 * 1024
 
-# Poll period of blocking queue operations, so every thread notices a failure or a cancel promptly.
-_POLL = 0.1
-
-
 def default_workers() -> int:
     """One worker per core: hashing and zstd release the GIL, so workers scale with cores."""
     return max(1, os.cpu_count() or 1)
-
-
-class _Stop(Exception):
-    """Raised inside a thread when another thread failed or the caller cancelled."""
-
-
-class _Crew:
-    """Threads sharing one stop flag; the first error wins and stops everyone."""
-
-    def __init__(self, cancel: threading.Event | None) -> None:
-        self.stop = threading.Event()
-        self.cancel = cancel
-        self.error: BaseException | None = None
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-
-    def fail(self, e: BaseException) -> None:
-        with self._lock:
-            if self.error is None:
-                self.error = e
-        self.stop.set()
-
-    def stopped(self) -> bool:
-        if self.cancel is not None and self.cancel.is_set() and not self.stop.is_set():
-            self.fail(Cancelled("cancel requested"))
-        return self.stop.is_set()
-
-    def spawn(self, name: str, fn: Callable[..., None], *args: Any) -> None:
-        def run() -> None:
-            try:
-                fn(*args)
-            except _Stop:
-                pass
-            except BaseException as e:
-                self.fail(e)
-
-        t = threading.Thread(target=run, name=name, daemon=True)
-        self._threads.append(t)
-        t.start()
-
-    def get(self, q: queue.Queue[Any]) -> Any:
-        while True:
-            if self.stopped():
-                raise _Stop
-            try:
-                return q.get(timeout=_POLL)
-            except queue.Empty:
-                continue
-
-    def put(self, q: queue.Queue[Any], item: Any) -> None:
-        while True:
-            if self.stopped():
-                raise _Stop
-            try:
-                q.put(item, timeout=_POLL)
-                return
-            except queue.Full:
-                continue
-
-    def join(self) -> None:
-        """Wait for every thread; Ctrl-C stops the crew cleanly instead of leaving threads running."""
-        for t in self._threads:
-            while t.is_alive():
-                try:
-                    t.join(_POLL)
-                except KeyboardInterrupt:
-                    self.fail(Cancelled("interrupted"))
-                self.stopped()
 
 
 def store_error(store: StoreAPI, e: OSError) -> FerryError:
@@ -157,7 +86,7 @@ class _Backup:
         changed: bool,
         readers: int,
         workers: int,
-        crew: _Crew,
+        crew: Crew,
     ) -> None:
         self.store = store
         self.source = source
@@ -333,7 +262,7 @@ def backup(
     workers = max(1, workers or default_workers())
     manifest = store.new_manifest(size, base=base)
     writer = store.writer()
-    crew = _Crew(cancel)
+    crew = Crew(cancel)
     log.info("Backup start source=%r size=%d base=%s changed=%s readers=%d workers=%d",
              source.name, size, base, changed, readers, workers)
     try:

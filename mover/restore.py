@@ -12,9 +12,10 @@ import queue
 import threading
 from typing import Any
 
+from mover.crew import Crew, Stop
 from mover.errors import StoreCorrupt
 from mover.kernels import ZERO_ID
-from mover.pipeline import CHUNK, _Crew, _Stop, close_manifest, default_workers
+from mover.pipeline import CHUNK, close_manifest, default_workers
 from mover.progress import Progress
 from mover.sinks.base import Sink
 from mover.store.api import Manifest, StoreAPI
@@ -48,7 +49,7 @@ def restore(
     workers = max(1, min(workers or default_workers() * 2, sink.max_writers))
     log.info("Restore start backup=%s size=%d sink=%r workers=%d", backup_id, size, sink.name, workers)
     sink.truncate(size)
-    crew = _Crew(cancel)
+    crew = Crew(cancel)
     tasks: queue.Queue[tuple[int, int] | None] = queue.Queue(maxsize=workers * 2)
 
     def span(first: int, end: int) -> tuple[int, int]:
@@ -72,7 +73,7 @@ def restore(
                 crew.put(tasks, (i, j))
             i = j
             if crew.stopped():
-                raise _Stop
+                raise Stop
         for _ in range(workers):
             crew.put(tasks, None)
 
