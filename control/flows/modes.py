@@ -29,6 +29,9 @@ class DiskPlan:
     base: str | None = None  # store backup id of the disk's previous backup (incremental)
     note: str | None = None
     snapshot_volume: str | None = None  # snapshot method: the disk snapshot (volume) to read
+    # snapshot method, incremental: the new snapshot's volume is the one layer added since the last backup,
+    # so reading only the clusters it holds (a shallow transfer) reads exactly what changed.
+    shallow: bool = False
     transfer: Transfer | None = None
     store_backup_id: str | None = None
 
@@ -63,8 +66,10 @@ class ImageioMode:
         if flow.method == "checkpoint":
             t = c.start_transfer(plan.disk.id, "download", backup_id=flow.engine_backup_id, fmt="raw")
         else:
-            # Not shallow: the transfer serves the disk's whole chain up to the snapshot, as guest data.
-            t = c.start_transfer(plan.disk.id, "download", snapshot_id=plan.snapshot_volume, fmt="raw")
+            # Full: the transfer serves the whole chain up to the snapshot, as guest data. Incremental: one
+            # layer (shallow), whose unallocated clusters are holes the mover skips, taking them from the base.
+            t = c.start_transfer(plan.disk.id, "download", snapshot_id=plan.snapshot_volume, fmt="raw",
+                                 shallow=plan.shallow)
         plan.transfer = t
         flow.on_failure(f"cancel transfer of disk {plan.disk.alias}", lambda: c.cancel_transfer(t.id))
         url = t.transfer_url or t.proxy_url
@@ -73,7 +78,7 @@ class ImageioMode:
         return {"type": "imageio", "transfer_url": url,
                 "proxy_url": t.proxy_url if t.transfer_url else None, "ca_pem": ca_pem(flow.engine),
                 "size": plan.disk.size, "format": "raw",
-                "dirty": plan.kind == "incremental" and flow.method == "checkpoint"}
+                "dirty": plan.kind == "incremental" and flow.method == "checkpoint", "shallow": plan.shallow}
 
     def finish_export(self, flow: BackupFlow, plan: DiskPlan) -> None:
         if plan.transfer is None:
