@@ -10,8 +10,7 @@ from control import demo
 def test_demo_small(tmp_path: Path) -> None:
     rows = demo.run(size="64M", fill=0.5, workdir=str(tmp_path), show_progress=False)
     by_step = {r.step: r for r in rows}
-    full, changed, reread = (by_step[s] for s in ("backup 1 (full)", "backup 2 (--changed)",
-                                                  "backup 3 (full re-read)"))
+    full, changed, reread = (by_step[s] for s in ("backup full", "backup changed", "backup re-read"))
     assert full.kind == "full" and changed.kind == "incremental" and reread.kind == "incremental"
     assert 0 < changed.read < full.read / 10  # only the changed extents were read
     assert reread.read >= full.read  # the re-read reads everything again ...
