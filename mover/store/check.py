@@ -162,14 +162,18 @@ def _check(store: Store, read_data: bool) -> dict[str, Any]:
         try:
             if m.block_size != store.block_size:
                 scan.problems.append({"kind": "backup", "object": b, "detail": f"block size {m.block_size}"})
-            for i in range(m.count):
-                bid = m[i]
-                if bid == ZERO_ID:
+            any_damage = bool(scan.missing or scan.corrupt)
+            for chunk in m.chunks():
+                # the healthy case stays in the kernel: one GIL-free lookup pass per segment
+                found = bytearray()
+                if not index.count_missing(idx.segments, chunk, found=found) and not any_damage:
                     continue
-                s = state(bid)
-                if s is not None:
-                    counts[s] += 1
-                    lost[bid] = s
+                for i in range(len(found)):
+                    bid = bytes(chunk[i * 32 : i * 32 + 32])
+                    s = "missing" if not found[i] else state(bid) if any_damage and bid != ZERO_ID else None
+                    if s is not None:
+                        counts[s] += 1
+                        lost[bid] = s
         finally:
             m.close()
         if counts["missing"] or counts["corrupt"]:

@@ -143,9 +143,16 @@ class Segment:
 
 
 def count_missing(segments: tuple[Segment, ...], ids: memoryview | bytes,
-                  live: list[bytearray] | None = None) -> int:
-    """Non-zero ids of ``ids`` (n * 32 bytes) found in no segment; with ``live``, flag each first copy."""
-    found = kernels.zero_flags(ids, 32)  # ZERO_ID entries count as found: they are never stored
+                  live: list[bytearray] | None = None, found: bytearray | None = None) -> int:
+    """Non-zero ids of ``ids`` (n * 32 bytes) found in no segment; with ``live``, flag each first copy.
+
+    ``found``, if given, is filled with one flag per id (1: zero or found) for the caller to inspect.
+    """
+    flags = kernels.zero_flags(ids, 32)  # ZERO_ID entries count as found: they are never stored
+    if found is not None:
+        found[:] = flags
+        flags = found
+    found = flags
     left = len(found) - sum(found)
     for n, seg in enumerate(segments):
         if not left:
