@@ -215,3 +215,17 @@ def test_processes_creating_one_store_agree_on_its_key(tmp_path: Path) -> None:
         p.stdout.close()
     with Store.open(path) as s:
         assert set(outs) == {s.block_id(b"x" * 65536).hex()}
+
+
+def test_check_while_another_process_writes(store: Store) -> None:
+    """Packs and segments appearing under a running check are never reported as damage."""
+    old = backup_bytes(store, image(13, 10, 0))
+    p = start(store, 14, 0, 0, pause="stream")
+    assert p.stdout is not None
+    p.stdout.readline()
+    for _ in range(3):
+        report = store.check()
+        assert report["ok"] and report["problems"] == [] and report["broken_backups"] == [], report
+    p.kill()
+    p.wait()
+    assert restore_bytes(store, old.id) == image(13, 10, 0)
