@@ -88,7 +88,11 @@ class StoreAPI(Protocol):
     def writer(self) -> BlockWriter: ...
 
     def new_manifest(self, size: int, base: str | None = None) -> Manifest:
-        """An all-zero manifest for a disk of ``size`` bytes, or a copy of backup ``base``'s manifest."""
+        """An all-zero manifest for a disk of ``size`` bytes, or a copy of backup ``base``'s manifest.
+
+        Until it is saved or closed the manifest is a backup in flight: it holds the store's shared lock,
+        so no prune drops a block it names (close it on every path, as the pipeline does).
+        """
         ...
 
     def save_backup(self, info: BackupInfo, manifest: Manifest) -> BackupInfo:
