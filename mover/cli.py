@@ -17,7 +17,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from mover.errors import StoreCorrupt, UsageError
+from mover.errors import StoreCorrupt, StoreError, UsageError
 from mover.progress import Progress, TerminalBar, human_size
 from mover.store.api import BackupInfo, StoreAPI
 
@@ -66,6 +66,8 @@ def open_store(args: argparse.Namespace, create: bool = False) -> Iterator[Store
         # An expected failure is reported as one error line (and check prints its report); the store's own
         # warnings about the same damage would repeat it as log noise. ``-v`` shows them.
         logging.getLogger("mover.store").setLevel(logging.ERROR)
+    if not create and not os.path.exists(os.path.join(args.store, "config.json")):
+        raise StoreError("no store here (the first `ferry image backup` creates one)", path=args.store)
     kw: dict[str, Any] = {"create": create}
     if create and getattr(args, "block_size", None):
         kw["block_size"] = args.block_size

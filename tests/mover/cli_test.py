@@ -148,6 +148,9 @@ def test_no_store(tmp_path: Path) -> None:
     p = subprocess.run([*FERRY, "image", "list"], capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 2
     assert "--store" in one_line_error(p)
+    p = ferry("check", "--store", str(tmp_path / "nothing"), check=False)
+    assert p.returncode == 4 and "no store here" in one_line_error(p)
+    assert not (tmp_path / "nothing").exists()  # commands other than backup never create a store
 
 
 def test_restore_does_not_clobber(tmp_path: Path) -> None:
