@@ -35,6 +35,7 @@ class Context:
     workdir: Path
     image: images.ImageInfo  # the cached original (read-only)
     seed: int = 0
+    restore_dir: Path | None = None  # where restores are written (default: the workdir's disk)
     results: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,7 +74,7 @@ def compare(ctx: Context, tools: list[Tool], with_bound: bool = True) -> dict[st
         log.info("Backup tool=%s seconds=%.2f", tool.name, m.seconds)
 
     for tool in tools:
-        dest = ctx.workdir / f"restore-{tool.name}.raw"
+        dest = (ctx.restore_dir or ctx.workdir) / f"restore-{tool.name}.raw"
         dest.unlink(missing_ok=True)
         m = tool.restore(tool.backups[0], dest)
         rows[tool.name]["restore"] = _restore_facts(m, dest, ctx.image.path, size)
@@ -97,7 +98,7 @@ def compare(ctx: Context, tools: list[Tool], with_bound: bool = True) -> dict[st
             m = tool.backup(disk, base=first, changed=changed)
             rows[tool.name]["backup2_changed"] = _step(m, stored_delta=tool.stored() - before)
             # The restore point made from only the changed ranges must be the whole changed disk.
-            dest = ctx.workdir / f"restore-{tool.name}-incr.raw"
+            dest = (ctx.restore_dir or ctx.workdir) / f"restore-{tool.name}-incr.raw"
             dest.unlink(missing_ok=True)
             m = tool.restore(tool.backups[-1], dest)
             rows[tool.name]["restore_changed"] = _restore_facts(m, dest, disk, size)
@@ -120,7 +121,7 @@ def sparse_image(ctx: Context, tool: Tool, size: int, pieces: int = 8, piece: in
         tool.setup()
         m = tool.backup(path)
         result = _step(m, size=size, data=data_bytes(path), stored=tool.stored())
-        dest = ctx.workdir / "restore-sparse.raw"
+        dest = (ctx.restore_dir or ctx.workdir) / "restore-sparse.raw"
         dest.unlink(missing_ok=True)
         r = tool.restore(tool.backups[0], dest)
         result["restore"] = {"seconds": round(r.seconds, 3), "allocated": du(dest),

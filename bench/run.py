@@ -119,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fill", type=float, default=0.5, help="fraction of the image filled with files")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=str(ROOT / "bench" / "out"), help="scratch space (repos, restores)")
+    p.add_argument("--restore-dir", metavar="DIR",
+                   help="write restores here (e.g. /dev/shm to measure the software, not this machine's disk)")
     p.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     p.add_argument("--tools", default="ferry,borg,restic,qemu-img", help="comma-separated tools to run")
     p.add_argument("--block-sizes", metavar="LIST", default="",
@@ -158,7 +160,19 @@ def _main(args: argparse.Namespace, workdir: Path) -> int:
     results: dict[str, Any] = {"machine": machine(), "args": {k: v for k, v in vars(args).items()}}
     print(f"bench: building or loading the {args.size} image (fill {args.fill}, seed {args.seed})", file=sys.stderr)
     info = images.build_image(None, args.size, fill=args.fill, seed=args.seed)
-    ctx = core.Context(workdir=workdir, image=info, seed=args.seed)
+    restore_dir = None
+    if args.restore_dir:
+        restore_dir = Path(args.restore_dir).resolve() / workdir.name
+        restore_dir.mkdir(parents=True)
+    ctx = core.Context(workdir=workdir, image=info, seed=args.seed, restore_dir=restore_dir)
+    try:
+        return _suites(args, ctx, results)
+    finally:
+        if restore_dir:
+            shutil.rmtree(restore_dir, ignore_errors=True)
+
+
+def _suites(args: argparse.Namespace, ctx: core.Context, results: dict[str, Any]) -> int:
     for key, fn, wanted in SUITES:
         if not wanted(args):
             continue
