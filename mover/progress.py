@@ -6,6 +6,7 @@ terminal, a NATS job handler publishes the snapshot as progress messages.
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -14,6 +15,8 @@ from types import TracebackType
 from typing import Any, TextIO
 
 Listener = Callable[[dict[str, Any]], None]
+
+log = logging.getLogger(__name__)
 
 # Listeners are called at most this often: a progress bar needs no more, and a NATS publish per buffer
 # would cost more than the work it reports.
@@ -36,7 +39,7 @@ class Progress:
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(self.FIELDS, 0)
         self._started = time.monotonic()
-        self._last = 0.0
+        self._last = float("-inf")  # the first add notifies at once
 
     def listen(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -83,7 +86,11 @@ class Progress:
             return
         snap = self.snapshot()
         for listener in self._listeners:
-            listener(snap)
+            try:
+                listener(snap)
+            except Exception as e:
+                # Reporting progress must never fail the transfer it reports on.
+                log.warning("Progress listener failed listener=%r error=%s", listener, e)
 
 
 class TerminalBar:
@@ -118,7 +125,7 @@ class TerminalBar:
                 TransferSpeedColumn(),
                 TextColumn("{task.fields[detail]}"),
                 TimeElapsedColumn(),
-                console=Console(file=self._stream),
+                console=Console(file=self._stream, force_terminal=True),  # enabled: draw it
                 transient=True,
             )
             self._bar.start()
