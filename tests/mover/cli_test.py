@@ -183,12 +183,13 @@ def test_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_block_devices(tmp_path: Path) -> None:
     """A loop device backed up with O_DIRECT and restored onto another loop device holding junk."""
-    src_img, dst_img = tmp_path / "src.img", tmp_path / "dst.img"
+    src_img, dst_img, small_img = tmp_path / "src.img", tmp_path / "dst.img", tmp_path / "small.img"
     make_image(src_img, 8 * MiB, seed=5)
     dst_img.write_bytes(os.urandom(8 * MiB))
+    small_img.write_bytes(os.urandom(4 * MiB))
     devs: list[str] = []
     try:
-        for f in (src_img, dst_img):
+        for f in (src_img, dst_img, small_img):
             devs.append(subprocess.run(["losetup", "-f", "--show", str(f)], check=True, capture_output=True,
                                        text=True).stdout.strip())
         store = str(tmp_path / "store")
@@ -196,6 +197,10 @@ def test_block_devices(tmp_path: Path) -> None:
         assert b["source"] == devs[0] and b["stats"]["read"] == 8 * MiB and b["stats"]["zero"] > 0
         ferry("image", "restore", b["id"], devs[1], "--store", store)
         assert sha(devs[1]) == sha(src_img)
+        before = sha(devs[2])
+        p = ferry("image", "restore", b["id"], devs[2], "--store", store, check=False)
+        assert p.returncode == 3 and "device holds 4194304 bytes" in one_line_error(p)
+        assert sha(devs[2]) == before  # refused before writing anything
     finally:
         for d in devs:
             subprocess.run(["losetup", "-d", d], check=False)
