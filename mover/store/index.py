@@ -162,6 +162,15 @@ def count_missing(segments: tuple[Segment, ...], ids: memoryview | bytes,
     return left
 
 
+def search_order(seg: Segment) -> tuple[int, str]:
+    """Largest segment first: after compaction most ids are found by the first binary search.
+
+    Which copy of a duplicated id is "first" only has to be stable within one prune (it marks and
+    rewrites with one fixed list); readers may use any copy that exists.
+    """
+    return -seg.count, seg.name
+
+
 class Index:
     """The union of the segments under ``index/``, re-listed on ``refresh``. Thread-safe."""
 
@@ -206,14 +215,13 @@ class Index:
                         continue
                 if seg is not None:
                     segments.append(seg)
-            # sorted by name: the first copy of a duplicated id is the one every process uses
-            self._segments = tuple(segments)
+            self._segments = tuple(sorted(segments, key=search_order))
 
     def add(self, name: str) -> None:
         """Start using a segment this process just published."""
         seg = Segment(self.root, name)
         with self._lock:
-            self._segments = tuple(sorted((*self._segments, seg), key=lambda s: s.name))
+            self._segments = tuple(sorted((*self._segments, seg), key=search_order))
 
     def close(self) -> None:
         """Unmap every segment; the index is empty until the next ``refresh``."""
