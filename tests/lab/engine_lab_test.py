@@ -29,7 +29,17 @@ def ferry(*args: str) -> subprocess.CompletedProcess[str]:
                           cwd=Path(__file__).resolve().parents[2])
 
 
-def test_cli_status_second_up_write_fault(lab: Lab) -> None:
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``ferry ARGS`` in this process (the CLI's own main), for speed; one test runs it as a program."""
+    from control.cli import main
+
+    capsys.readouterr()
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_status_second_up_write_fault(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
     p = ferry("lab", "status", "--dir", str(lab.dir), "--json")
     assert p.returncode == 0, p.stderr
     st = json.loads(p.stdout)
@@ -40,25 +50,27 @@ def test_cli_status_second_up_write_fault(lab: Lab) -> None:
     for h in st["hosts"]:
         assert h["ssh_port"] > 0 and h["host_key"].startswith("ssh-ed25519 ") and Path(h["ssh_key"]).exists()
 
-    p = ferry("lab", "up", "--dir", str(lab.dir))
-    assert p.returncode == 7
-    assert p.stderr.strip().count("\n") == 0 and "already running" in p.stderr
+    rc, out, err = cli(capsys, "lab", "up", "--dir", str(lab.dir))
+    assert rc == 7
+    assert err.strip().count("\n") == 0 and "already running" in err
 
     info = lab.create_vm(f"cli-{uuid.uuid4().hex[:6]}", disks=[{"size": 16 * MiB, "fill": 0}])
-    p = ferry("lab", "write", "--dir", str(lab.dir), info["name"], "--disk", "0", "--percent", "5")
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.startswith("wrote ") and int(p.stdout.split()[1]) > 0
+    rc, out, err = cli(capsys, "lab", "write", "--dir", str(lab.dir), info["name"], "--disk", "0", "--percent", "5")
+    assert rc == 0, err
+    assert out.startswith("wrote ") and int(out.split()[1]) > 0
 
-    p = ferry("lab", "fault", "--dir", str(lab.dir), "snapshot_remove_conflict", "3")
-    assert p.returncode == 0, p.stderr
+    rc, out, err = cli(capsys, "lab", "fault", "--dir", str(lab.dir), "snapshot_remove_conflict", "3")
+    assert rc == 0, err
     assert lab.faults() == {"snapshot_remove_conflict": 3}
-    p = ferry("lab", "fault", "--dir", str(lab.dir), "--clear")
-    assert p.returncode == 0 and lab.faults() == {}
-    p = ferry("lab", "fault", "--dir", str(lab.dir), "no_such_fault")
-    assert p.returncode == 7 and "unknown fault" in p.stderr
+    rc, out, err = cli(capsys, "lab", "fault", "--dir", str(lab.dir), "--clear")
+    assert rc == 0 and lab.faults() == {}
+    rc, out, err = cli(capsys, "lab", "fault", "--dir", str(lab.dir), "no_such_fault")
+    assert rc == 7 and "unknown fault" in err
 
-    p = ferry("lab", "status", "--dir", str(lab.dir / "nowhere"))
-    assert p.returncode == 7 and "no lab running" in p.stderr
+    rc, out, err = cli(capsys, "lab", "status", "--dir", str(lab.dir / "nowhere"))
+    assert rc == 7 and "no lab running" in err
+    rc, out, err = cli(capsys, "lab", "status", "--dir", str(lab.dir))
+    assert rc == 0 and lab.url in out and "host1" in out
 
 
 async def _ssh(host: dict[str, Any], command: str) -> bytes:
