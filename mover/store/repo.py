@@ -171,10 +171,18 @@ class Store:
         its pack is gone (another process published it, or a prune moved it, since we last looked).
         """
         err: StoreCorrupt | None = None
+        first = self.index.lookup(block_id)  # the common case: one search, one read
+        if first is not None:
+            try:
+                return self.read_entry(first, verify)
+            except StoreCorrupt as e:
+                err = e
         for attempt in range(2):
             if attempt:
                 self.refresh()
             for entry in self.index.find_all(block_id):
+                if entry == first and not attempt:
+                    continue
                 try:
                     return self.read_entry(entry, verify)
                 except StoreCorrupt as e:
