@@ -131,6 +131,12 @@ class Store:
         self.index.refresh()
         self._packs.sweep()
 
+    def has_many(self, ids: bytes | memoryview) -> bytearray:
+        """One flag per 32-byte id of ``ids`` (1: ``ZERO_ID`` or in the store), by one GIL-free call per segment."""
+        found = bytearray()
+        index.count_missing(self.index.segments, ids, found=found)
+        return found
+
     def has(self, block_id: bytes) -> bool:
         return block_id == ZERO_ID or self.index.find(block_id) is not None
 

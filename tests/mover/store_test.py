@@ -347,3 +347,12 @@ def test_named_objects(store: Store) -> None:
     with pytest.raises(NotFound):
         store.get_object("vm", "vm-1@2026")
     assert os.listdir(os.path.join(store.path, "tmp")) == []
+
+
+def test_has_many(store: Store) -> None:
+    data = image(3, seed=500)
+    backup_bytes(store, data)
+    ids = store.block_ids(data)
+    probe = b"".join([ids[0], ZERO_ID, b"\x05" * 32, ids[2]])
+    assert store.has_many(probe) == bytearray([1, 1, 0, 1])
+    assert [store.has(probe[i : i + 32]) for i in range(0, 128, 32)] == [True, True, False, True]
