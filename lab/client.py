@@ -73,7 +73,8 @@ def down(dir: Path | str, timeout: float = DOWN_TIMEOUT) -> bool:
     d = Path(dir).absolute()
     pid = _pid(d)
     if pid is None or not _alive(pid):
-        return False
+        # A lab killed hard leaves its children (own sessions) behind: clean up after it.
+        return cleanup_dead(d)
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -82,6 +83,31 @@ def down(dir: Path | str, timeout: float = DOWN_TIMEOUT) -> bool:
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
     raise LabError(f"lab process {pid} did not stop in {timeout:.0f}s; killed")
+
+
+def cleanup_dead(d: Path) -> bool:
+    """After a lab process died without stopping its parts: detach the proxy VM's devices, end every process
+    whose command line names the lab directory (imageio, sshd, qemu-nbd, nbdfuse of this lab only).
+    Returns True when something was left."""
+    from lab import procs
+    from lab.proxyvm import ProxyVM
+
+    found = False
+    root = d / "proxyvm"
+    if root.is_dir():
+        for vm_dir in root.iterdir():
+            if (vm_dir / "attachments.json").exists():
+                vm = ProxyVM(root, vm_dir.name)
+                if vm.attachments():
+                    found = True
+                    vm.detach_all()
+    mine = [int(p.name) for p in Path("/proc").iterdir()
+            if p.name.isdigit() and int(p.name) != os.getpid() and f"{d}/" in procs.cmdline(int(p.name))]
+    if mine:
+        found = True
+        procs.terminate(mine)
+    (d / "lab.json").unlink(missing_ok=True)
+    return found
 
 
 def _pid(d: Path) -> int | None:

@@ -15,7 +15,7 @@ from lab.client import Lab
 
 def leftovers(dir: Path) -> list[str]:
     """Processes, loop devices and mounts that still refer to the lab directory."""
-    d = str(dir)
+    d = f"{dir}/"  # with the slash: lab1 must not match lab10
     out: list[str] = []
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():

@@ -75,3 +75,32 @@ def test_down_in_flight_then_up_again(tmp_path: Path) -> None:
     finally:
         assert client.down(d)
     assert leftovers(d) == []
+
+
+def test_down_after_the_lab_was_killed(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    d = tmp_path / "lab"
+    lab = client.up(d)
+    try:
+        info = lab.create_vm(f"killed-{uuid.uuid4().hex[:6]}", disks=[{"size": 16 * MiB, "fill": 0}], start=False)
+        with lab.connection() as conn:
+            transfers = conn.system_service().image_transfers_service()
+            t = transfers.add(types.ImageTransfer(disk=types.Disk(id=info["disks"][0]),
+                                                  direction=types.ImageTransferDirection.DOWNLOAD))
+            tsvc = transfers.image_transfer_service(t.id)
+            wait(lambda: tsvc.get().phase == types.ImageTransferPhase.TRANSFERRING)
+            proxy = conn.system_service().vms_service().vm_service(lab.proxy_vm).disk_attachments_service()
+            other = lab.create_vm(f"k2-{uuid.uuid4().hex[:6]}", disks=[{"size": 16 * MiB, "fill": 0}], start=False)
+            conn.system_service().vms_service().vm_service(other["id"]).disk_attachments_service() \
+                .attachment_service(other["disks"][0]).remove()
+            a = proxy.add(types.DiskAttachment(disk=types.Disk(id=other["disks"][0]),
+                                               interface=types.DiskInterface.VIRTIO_SCSI, active=True))
+            assert a.logical_name.startswith("/dev/loop")
+        os.kill(int(lab.status["pid"]), signal.SIGKILL)
+        wait(lambda: not client._alive(int(lab.status["pid"])))
+        assert leftovers(d)  # the lab's children outlive it
+    finally:
+        client.down(d)
+    assert leftovers(d) == []
