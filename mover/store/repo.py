@@ -60,7 +60,7 @@ class Store:
         """Create a new store in ``path`` (empty or missing) and open it."""
         path = os.path.abspath(path)
         if os.path.exists(os.path.join(path, cfg.CONFIG_FILE)):
-            raise StoreError("a store already exists here", path=path)
+            raise StoreError("a store already exists here", path=path, exists=True)
         config = cfg.StoreConfig(block_size=block_size, hash=hash, zstd_level=zstd_level, pack_size=pack_size)
         config.validate(path)
         try:
@@ -76,7 +76,7 @@ class Store:
             cfg.save(path, config)  # last: a directory without config.json is not a store yet
         except FileExistsError:
             raise StoreError("a store already exists here (or another process is creating it)",
-                             path=path) from None
+                             path=path, exists=True) from None
         fsutil.fsync_dir(path)
         log.info("Created store path=%s block_size=%d hash=%s", path, block_size, hash)
         return cls.open(path)
@@ -89,7 +89,9 @@ class Store:
         if create and not os.path.exists(config_path):
             try:
                 return cls.init(path, **init_args)
-            except StoreError:
+            except StoreError as e:
+                if not getattr(e, "exists", False):
+                    raise
                 # another process won the race to create it: wait for it to finish (config comes last)
                 deadline = time.monotonic() + CREATE_WAIT
                 while not os.path.exists(config_path) and time.monotonic() < deadline:

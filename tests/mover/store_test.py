@@ -356,3 +356,8 @@ def test_has_many(store: Store) -> None:
     probe = b"".join([ids[0], ZERO_ID, b"\x05" * 32, ids[2]])
     assert store.has_many(probe) == bytearray([1, 1, 0, 1])
     assert [store.has(probe[i : i + 32]) for i in range(0, 128, 32)] == [True, True, False, True]
+
+
+def test_open_create_reports_bad_parameters_at_once(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="power of two"):
+        Store.open(str(tmp_path / "s"), create=True, block_size=3)
