@@ -181,7 +181,17 @@ def _prune(store: Store, rewrite_fraction: float) -> dict[str, int]:
     referenced = set(all_packs)
     removed_packs = 0
     freed = 0
-    for p in sorted(on_disk - referenced):
+    doomed = (on_disk - referenced) & gone  # packs this prune emptied or replaced
+    kept_unindexed = on_disk - referenced - gone
+    if missing:
+        # Backups name blocks the index lacks: an unindexed pack (its segment lost) may hold them, and
+        # `repair` can index it again. Never delete such packs while anything is missing.
+        log.warning("Keeping unindexed packs count=%d because missing_blocks=%d; run repair",
+                    len(kept_unindexed), missing)
+    else:
+        doomed |= kept_unindexed  # left by writers that died between pack and segment: garbage
+        kept_unindexed = set()
+    for p in sorted(doomed):
         path = pack.pack_path(root, p)
         with contextlib.suppress(OSError):
             freed += os.path.getsize(path)
@@ -208,6 +218,7 @@ def _prune(store: Store, rewrite_fraction: float) -> dict[str, int]:
         "packs_removed": removed_packs,
         "bytes_freed": freed - sum(os.path.getsize(pack.pack_path(root, p)) for p in new_packs),
         "segments_merged": len(segments),
+        "unindexed_packs_kept": len(kept_unindexed),
     }
     log.info("Pruned store path=%s %s seconds=%.2f", root,
              " ".join(f"{k}={v}" for k, v in result.items()), time.monotonic() - started)

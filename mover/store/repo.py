@@ -353,7 +353,11 @@ class Store:
 
     def put_object(self, kind: str, name: str, data: bytes) -> None:
         """Store ``data`` as object ``kind/name`` (atomically; replaces an older one)."""
-        objects.put(self.path, kind, name, data)
+        self.hold()  # prune clears tmp/, where the object is written before its rename
+        try:
+            objects.put(self.path, kind, name, data)
+        finally:
+            self.unhold()
 
     def get_object(self, kind: str, name: str) -> bytes:
         """The bytes of object ``kind/name`` (``NotFound`` if there is none)."""

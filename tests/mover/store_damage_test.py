@@ -209,3 +209,17 @@ def test_store_full(small_fs: Path) -> None:
         assert restore_bytes(s, keep.id) == shared and s.check(read_data=True)["ok"]
     finally:
         s.close()
+
+
+def test_prune_keeps_unindexed_packs_while_blocks_are_missing(store: Store) -> None:
+    """A lost segment makes its pack look like garbage: prune must keep it, repair brings it back."""
+    a = backup_bytes(store, image(5, 12))
+    for seg in segments(store):
+        seg.unlink()
+    fresh = Store.open(store.path)
+    result = fresh.prune()
+    assert result["missing_blocks"] == 5 and result["unindexed_packs_kept"] == 1
+    assert len(packs(fresh)) == 1
+    assert fresh.repair()["blocks_indexed"] == 5
+    assert restore_bytes(fresh, a.id) == image(5, 12) and fresh.check(read_data=True)["ok"]
+    fresh.close()
