@@ -55,6 +55,22 @@ def close_manifest(manifest: Manifest) -> None:
         close()
 
 
+# Entries set per call when zeroing a run: 2 MiB of ids, so a huge hole costs neither time nor memory.
+_ZERO_RUN = 65536
+
+
+def set_zero(manifest: Manifest, first: int, end: int) -> None:
+    """Set entries [first, end) to ``ZERO_ID``, in bulk where the manifest offers ``set_range``."""
+    set_range = getattr(manifest, "set_range", None)
+    if set_range is None:
+        for i in range(first, end):
+            manifest[i] = ZERO_ID
+        return
+    for i in range(first, end, _ZERO_RUN):
+        n = min(_ZERO_RUN, end - i)
+        set_range(i, ZERO_ID * n)
+
+
 def _touched(extents: Iterator[Extent], bs: int, want: Callable[[Extent], bool]) -> Iterator[tuple[int, int]]:
     """Runs (first, end) of block indices touched by the extents for which ``want`` is true."""
     run_first = run_end = -1
@@ -153,8 +169,8 @@ class _Backup:
         if self.changed:
             self.progress.add(done=length, unchanged=length)
             return
-        for i in range(first, end):
-            self.manifest[i] = ZERO_ID
+        if self.have_base:  # a new manifest is all zero already; a copy of the base is not
+            set_zero(self.manifest, first, end)
         self.progress.add(done=length, zero=length)
 
     def read(self) -> None:

@@ -275,3 +275,21 @@ def test_touched_blocks_match_reference(bs: int, cuts: list[int], flags: list[bo
     assert got == want_blocks
     for (_, a_end), (b_first, _) in itertools.pairwise(runs):
         assert a_end < b_first  # maximal: runs neither overlap nor touch
+
+
+def test_reread_sees_data_turned_into_holes(store: StoreAPI, tmp_path: Path) -> None:
+    """A full re-read on top of a base: blocks that became holes (discarded) must be zero, not the base's."""
+    old, new = tmp_path / "old.img", tmp_path / "new.img"
+    data = os.urandom(10 * BS)
+    for path, n in ((old, 10), (new, 4)):
+        with open(path, "wb") as f:
+            f.truncate(4 * MiB)
+            f.write(data[: n * BS])
+    base = do_backup(store, old)
+    bid = do_backup(store, new, base=base)
+    ids = entries(store, bid)
+    assert ids[:4] == entries(store, base)[:4]
+    assert set(ids[4:]) == {ZERO_ID}
+    out = tmp_path / "out.img"
+    do_restore(store, bid, out)
+    assert sha(out) == sha(new)
