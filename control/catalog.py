@@ -184,9 +184,12 @@ class Catalog:
     def engines(self) -> list[Engine]:
         return [Engine(**dict(r)) for r in self._all("SELECT * FROM engines ORDER BY created")]
 
-    def remove_engine(self, engine_id: str) -> None:
+    def remove_engine(self, id_or_url: str) -> Engine:
+        """Forget an engine (its backups stay listed and restorable once it is added again)."""
+        e = self.engine(id_or_url)
         with self._tx() as db:
-            db.execute("DELETE FROM engines WHERE id = ?", (engine_id,))
+            db.execute("DELETE FROM engines WHERE id = ?", (e.id,))
+        return e
 
     # vms
 
@@ -197,6 +200,11 @@ class Catalog:
     def vm_id_by_name(self, name: str) -> str | None:
         rows = self._all("SELECT id FROM vms WHERE name = ? ORDER BY updated DESC", (name,))
         return rows[0]["id"] if rows else None
+
+    def engine_of_vm(self, vm: str) -> str | None:
+        """Id of the engine the VM (name or id) was last seen on."""
+        rows = self._all("SELECT engine_id FROM vms WHERE id = ? OR name = ? ORDER BY updated DESC", (vm, vm))
+        return rows[0]["engine_id"] if rows else None
 
     # locks: one backup or restore at a time per VM, across processes
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -57,6 +58,9 @@ def register(subparsers: Any) -> None:
     e.add_argument("--ca-file", required=True, help="the engine's CA certificate (PEM)")
     e.add_argument("--no-check", action="store_true", help="do not log in to check")
     e.set_defaults(func=cmd_engine_add)
+    e = esub.add_parser("remove", parents=[common], help="forget an engine (its backups stay)")
+    e.add_argument("engine", help="engine URL or id")
+    e.set_defaults(func=cmd_engine_remove)
     e = esub.add_parser("list", parents=[common, js], help="list engines")
     e.set_defaults(func=cmd_engine_list)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
@@ -141,6 +145,16 @@ def cmd_engine_add(args: argparse.Namespace) -> int:
         out["version"] = ".".join(map(str, version))
     _print(args, out, f"engine {eng.url} added (id {eng.id[:8]}, user {eng.user}"
            + (f", version {out['version']})" if "version" in out else ")"))
+    return 0
+
+
+def cmd_engine_remove(args: argparse.Namespace) -> int:
+    cat = open_catalog(load_config(args))
+    e = cat.remove_engine(args.engine)
+    with contextlib.suppress(OSError):
+        if Path(e.password_file).parent == load_config(args).secrets_dir:
+            os.unlink(e.password_file)  # our copy of the password goes with the engine
+    print(f"engine {e.url} removed")
     return 0
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from control.catalog import Catalog, Engine
 from control.config import Config
 from control.engine import EngineClient
-from control.errors import FerryError, UsageError
+from control.errors import FerryError, NotFound, UsageError
 from control.flows.backup import BackupFlow, BackupRequest, default_client
 from control.flows.base import Flow
 from control.flows.restore import RestoreFlow, RestoreRequest
@@ -115,10 +115,9 @@ class ControlPlane:
             trig = jobs.BackupTrigger.from_dict(raw)
             req = BackupRequest(vm=trig.vm, mode=trig.mode, type=trig.type, method=extras.get("method"),
                                 exclude=list(extras.get("exclude") or []), freeze=bool(extras.get("freeze", True)))
-            engine = self.engine_for(trig.vm, extras.get("engine"))
             # Expected failures (wrong password, unreachable engine, missing VM) answer the trigger itself,
             # so `ferry backup` prints them as one line with the right exit code.
-            req.vm = await asyncio.to_thread(self._resolve_vm, engine, trig.vm)
+            engine, req.vm = await asyncio.to_thread(self._locate_vm, trig.vm, extras.get("engine"))
             flow = BackupFlow(req, self.catalog, engine, self, self.cfg.store_url, self.cfg.job_timeout,
                               client_factory=self._client)
         except FerryError as e:
@@ -157,18 +156,30 @@ class ControlPlane:
     def _client(self, engine: Engine) -> EngineClient:
         return default_client(engine, timeout=self.cfg.engine_timeout)
 
-    def engine_for(self, vm: str, engine: str | None = None) -> Engine:
+    def _locate_vm(self, vm: str, engine: str | None = None) -> tuple[Engine, str]:
+        """The engine holding VM ``vm`` and the VM's id: the named engine, else the engine the catalog knows
+        the VM from, else every engine in turn. One engine's failure is raised when no engine has the VM."""
         if engine:
-            return self.catalog.engine(engine)
-        engines = self.catalog.engines()
-        if not engines:
-            raise UsageError("no engine configured: run `ferry engine add URL --user U --password-file F --ca-file F`")
-        if len(engines) == 1:
-            return engines[0]
-        vm_id = self.catalog.vm_id_by_name(vm) or vm
-        for row in self.catalog._all("SELECT engine_id FROM vms WHERE id = ?", (vm_id,)):
-            return self.catalog.engine(row["engine_id"])
-        raise UsageError(f"several engines are configured and VM {vm} is not known yet: name the engine")
+            candidates = [self.catalog.engine(engine)]
+        else:
+            candidates = self.catalog.engines()
+            if not candidates:
+                raise UsageError("no engine configured: run `ferry engine add URL --user U --password-file F "
+                                 "--ca-file F`")
+            known = self.catalog.engine_of_vm(vm)
+            if known is not None:
+                candidates.sort(key=lambda e: e.id != known)
+        failures: list[FerryError] = []
+        for eng in candidates:
+            try:
+                return eng, self._resolve_vm(eng, vm)
+            except NotFound:
+                continue
+            except FerryError as e:
+                failures.append(e)
+        if failures and len(failures) == len(candidates):
+            raise failures[0]
+        raise NotFound(kind="VM", name=vm)
 
     def _spawn(self, flow: Flow) -> None:
         async def run() -> None:

@@ -241,8 +241,6 @@ class BackupFlow(Flow):
                                  "only changed blocks stored")
                 elif SHALLOW_LAYER_READS:
                     plan.shallow = True
-                else:
-                    plan.note = "snapshot method: read in full, only changed blocks stored"
         for plan in self.plans.values():
             if plan.note:
                 self.warnings.append(f"disk {plan.disk.alias}: {plan.note}")

@@ -80,7 +80,7 @@ def test_snapshot_removal_conflicts_are_retried(plane: Plane, faults: Lab) -> No
     incr = backup(plane, vm["name"], "--type", "incremental", "--method", "snapshot")
     assert engine_state(faults, vm["id"])["snapshots"] == [incr["point_id"]]
     assert faults.faults() == {}  # both 409s were consumed by our retries
-    assert incr["stats"]["warnings"] == []
+    assert not [w for w in incr["stats"]["warnings"] if "could not remove" in w]
 
 
 def test_broken_checkpoint_falls_back_to_full(plane: Plane, faults: Lab) -> None:
@@ -123,8 +123,14 @@ def test_wrong_password_and_unreachable_engine(plane: Plane, lab: Lab, tmp_path:
     nowhere = f"https://127.0.0.1:{free_port()}/ovirt-engine/api"
     plane.ferry("engine", "add", nowhere, "--user", lab.user, "--password-file", str(good), "--ca-file",
                 lab.ca_file, "--no-check")
-    r = plane.ferry("backup", "ferry-proxy", "--engine", nowhere, check=False)
-    assert r.returncode == 6 and "is unreachable" in r.stderr, r.stderr
+    try:
+        r = plane.ferry("backup", "ferry-proxy", "--engine", nowhere, check=False)
+        assert r.returncode == 6 and "is unreachable" in r.stderr, r.stderr
+        # Without --engine, the VM is looked up on every engine: the unreachable one does not get in the way.
+        r = plane.ferry("backup", "no-such-vm", check=False)
+        assert r.returncode == 5 and "VM no-such-vm not found" in r.stderr, r.stderr
+    finally:
+        plane.ferry("engine", "remove", nowhere)
     # `engine add` checks the login by default: a wrong password is refused there already.
     r = plane.ferry("engine", "add", lab.url, "--user", lab.user, "--password-file", str(bad), "--ca-file",
                     lab.ca_file, check=False)
