@@ -25,14 +25,22 @@ COMMAND_MODULES = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands served by the mover's CLI alone: importing only it keeps ``ferry image ...`` starting in ~0.2 s
+# instead of ~0.9 s (the control plane pulls in ovirtsdk4, nats and asyncio), which matters for short
+# incremental backups (measured by helper H2 on this machine).
+FAST_COMMANDS = {"image": "mover.cli", "prune": "mover.cli", "check": "mover.cli", "repair": "mover.cli"}
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ferry",
         description="Backup and restore for oVirt, OLVM and RHV virtual machines.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    first = next((a for a in (argv or []) if not a.startswith("-")), None)
+    modules = (FAST_COMMANDS[first],) if first in FAST_COMMANDS else COMMAND_MODULES
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -44,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
