@@ -32,6 +32,9 @@ _USER_RE = re.compile(r"^[^@\s]+@[^@\s]+$")
 # Seconds between polls of an entity whose state we wait for: short first, since the lab answers in
 # milliseconds, growing so that a real engine is not hammered during a minutes-long snapshot.
 _POLL_FIRST, _POLL_MAX = 0.1, 2.0
+# Calls (by the ``what`` they are made with) that can be repeated without harm after a lost connection.
+# Creating calls (snapshot, backup, transfer, disk, VM) are not: a retry could create a second one.
+_RETRYABLE = ("get ", "list ", "search ", "finalize ", "cancel ", "remove ", "thaw ", "api")
 _CURL_RE = re.compile(r"\((\d+), '([^']*)'\)")
 
 
@@ -149,8 +152,20 @@ class EngineBase:
             raise EngineError(f"{what}: {_short(e)}", url=self.url) from None
 
     def call(self, what: str, fn: Callable[[], T], kind: str = "object", name: str = "") -> T:
-        with self._errors(what, kind, name):
-            return fn()
+        """Run one SDK call with errors mapped. Calls that are safe to repeat (reads, finalize, cancel, remove:
+        see ``_RETRYABLE``) ride out an engine restart: retried while it is unreachable, up to ``timeout``."""
+        deadline = time.monotonic() + self.timeout
+        delay = 0.5
+        while True:
+            try:
+                with self._errors(what, kind, name):
+                    return fn()
+            except EngineUnreachable as e:
+                if not what.startswith(_RETRYABLE) or time.monotonic() > deadline:
+                    raise
+                log.info("engine unreachable, retrying url=%s call=%r reason=%s", self.url, what, e.reason)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def version(self) -> tuple[int, int]:
         with self._errors("api"):

@@ -98,3 +98,15 @@ def test_nats_restart_mid_backup(slow_plane: Plane, lab: Lab) -> None:
     b = wait_backup(slow_plane, bid)
     assert b["state"] == "succeeded", json.dumps(b, indent=1) + slow_plane.logs()
     restore_and_compare(slow_plane, lab, bid, vm)
+
+
+def test_engine_restart_mid_backup(slow_plane: Plane, lab: Lab) -> None:
+    """The engine restarts during the export and forgets its SSO tokens: the flow's next calls get a 401,
+    the SDK logs in again, and the backup completes (finalize, checkpoint clean-up) as usual."""
+    vm = make_vm(lab, "r-engine")
+    bid = start_backup(slow_plane, vm["name"], "--type", "full", "--method", "checkpoint")
+    mover_running(slow_plane, bid)
+    lab.restart_engine(downtime=1.0)
+    b = wait_backup(slow_plane, bid)
+    assert b["state"] == "succeeded", json.dumps(b, indent=1) + slow_plane.logs()
+    restore_and_compare(slow_plane, lab, bid, vm)
