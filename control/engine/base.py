@@ -35,7 +35,9 @@ _POLL_FIRST, _POLL_MAX = 0.1, 2.0
 # Calls (by the ``what`` they are made with) that can be repeated without harm after a lost connection.
 # Creating calls (snapshot, backup, transfer, disk, VM) are not: a retry could create a second one.
 _RETRYABLE = ("get ", "list ", "search ", "finalize ", "cancel ", "remove ", "thaw ", "api")
-_CURL_RE = re.compile(r"\((\d+), '([^']*)'\)")
+# libcurl's (code, message) inside an SDK error: "(7, 'Failed to connect ...')" when sending, and
+# "[(<pycurl.Curl object ...>, 7, 'Failed to connect ...')]" when reading a response.
+_CURL_RE = re.compile(r"[(,]\s*(\d+), '([^']*)'\)")
 
 
 def validate_user(user: str) -> str:

@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
+
 import pytest
 
 from control.engine import EngineClient, api_url, validate_user
@@ -53,3 +58,82 @@ def test_user_must_be_user_at_domain() -> None:
 def test_api_url_forms() -> None:
     assert api_url("engine.example") == "https://engine.example/ovirt-engine/api"
     assert api_url("https://e:8443/ovirt-engine/api/") == "https://e:8443/ovirt-engine/api"
+
+
+
+class Relay:
+    """A TCP relay in front of the engine that can cut every connection and refuse new ones for a while:
+    a real network outage between the control plane and the engine."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self.socks: list[socket.socket] = []
+        self.server: socket.socket | None = None
+        self.up()
+
+    def up(self) -> None:
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", self.port))
+        srv.listen(8)
+        self.server = srv
+        threading.Thread(target=self._accept, args=(srv,), daemon=True).start()
+
+    def _accept(self, srv: socket.socket) -> None:
+        while True:
+            try:
+                a, _ = srv.accept()
+            except OSError:
+                return
+            b = socket.create_connection(self.target)
+            self.socks += [a, b]
+            for x, y in ((a, b), (b, a)):
+                threading.Thread(target=self._pipe, args=(x, y), daemon=True).start()
+
+    @staticmethod
+    def _pipe(x: socket.socket, y: socket.socket) -> None:
+        try:
+            while data := x.recv(65536):
+                y.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (x, y):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def down(self) -> None:
+        assert self.server is not None
+        # shutdown() first: close() alone leaves a socket blocked in accept() listening (Linux).
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+        for s in self.socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        self.socks = []
+
+
+def test_reads_ride_out_an_outage_creates_do_not(lab: Lab) -> None:
+    port = int(lab.url.split(":")[2].split("/")[0])
+    relay = Relay(("127.0.0.1", port))
+    url = f"https://127.0.0.1:{relay.port}/ovirt-engine/api"
+    try:
+        with EngineClient(url, lab.user, lab.password, lab.ca_file, timeout=20) as c:
+            before = {v.id for v in c.vms()}
+            relay.down()
+            threading.Timer(1.5, relay.up).start()
+            t0 = time.monotonic()
+            assert {v.id for v in c.vms()} == before  # retried until the engine answered again
+            assert time.monotonic() - t0 > 1.0
+            relay.down()
+            try:
+                # A creating call is not repeated blindly: a lost answer could mean it was created.
+                with pytest.raises(EngineUnreachable):
+                    c.create_snapshot(next(iter(before)), [], "never")
+            finally:
+                relay.up()
+    finally:
+        relay.down()
