@@ -186,7 +186,12 @@ def register(e: Engine) -> None:
                 raise HttpError(409, "Cannot edit Virtual Disk. Incremental backup is supported only for QCOW2 disks.")
             d["backup"] = spec.backup.value
         if spec.provisioned_size and spec.provisioned_size != d["size"]:
-            raise HttpError(409, "Cannot edit Virtual Disk. Resizing is not supported by the lab.")
+            if spec.provisioned_size < d["size"]:
+                raise HttpError(409, "Cannot edit Virtual Disk. New disk size must be larger than the current disk size.")
+            if d["status"] != "ok":
+                raise HttpError(409, f"Cannot edit Virtual Disk. Disk {d['name']} is locked.")
+            e.backend.domains[d["sd"]].resize(id, d["image"], int(spec.provisioned_size))
+            d["size"] = int(spec.provisioned_size)
         return obj_reply(disk_obj(e, d))
 
     r.add("GET", "disks", list_disks)

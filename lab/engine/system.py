@@ -52,7 +52,8 @@ def host(e: Engine, h: dict[str, Any]) -> types.Host:
 
 
 def storage_domain(e: Engine, s: dict[str, Any]) -> types.StorageDomain:
-    used = sum(int(d.get("actual", 0)) for d in e.state.coll("disks").values() if d["sd"] == s["id"])
+    dom = e.backend.domains.get(s["id"])
+    used, available = dom.usage() if dom is not None else (0, 0)
     committed = sum(int(d["size"]) for d in e.state.coll("disks").values() if d["sd"] == s["id"])
     block = s["kind"] == "block"
     storage = types.HostStorage(
@@ -65,7 +66,7 @@ def storage_domain(e: Engine, s: dict[str, Any]) -> types.StorageDomain:
     return new(types.StorageDomain,
         id=s["id"], href=href("storagedomains", s["id"]), name=s["name"],
         type=types.StorageDomainType.DATA, storage=storage,
-        available=int(s.get("capacity", 500 * GIB)) - used, used=used, committed=committed,
+        available=available, used=used, committed=committed,
         master=bool(s.get("master")), status=types.StorageDomainStatus.ACTIVE,
         external_status=types.ExternalStatus.OK, storage_format=types.StorageFormat.V5, block_size=512,
         data_centers=[ref(types.DataCenter, s["dc"], "datacenters")],

@@ -3,6 +3,7 @@ start/stop, freeze/thaw, locked -> ok, the engine's 409s."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -169,7 +170,7 @@ def test_ovf_round_trip(sdk: Any, lab: Lab) -> None:
     vms.vm_service(info["id"]).remove()
 
 
-def test_jobs_by_correlation_id(sdk: Any) -> None:
+def test_jobs_by_correlation_id(sdk: Any, lab: Lab) -> None:
     cid = uuid.uuid4().hex
     d = sdk.system_service().disks_service().add(
         types.Disk(name="job", format=types.DiskFormat.COW, provisioned_size=8 * MiB,
@@ -188,6 +189,14 @@ def test_jobs_by_correlation_id(sdk: Any) -> None:
     assert wait_disk_ok(sdk, d.id).status == types.DiskStatus.OK
     upd = sdk.system_service().disks_service().disk_service(d.id).update(types.Disk(alias="renamed"))
     assert upd.alias == "renamed"
+    grown = sdk.system_service().disks_service().disk_service(d.id).update(types.Disk(provisioned_size=12 * MiB))
+    assert grown.provisioned_size == 12 * MiB
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", lab.volume_paths(d.id)[-1]],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["virtual-size"] == 12 * MiB
+    with pytest.raises(ovirtsdk4.Error, match="larger") as e:
+        sdk.system_service().disks_service().disk_service(d.id).update(types.Disk(provisioned_size=4 * MiB))
+    assert e.value.code == 409
     sd = next(s for s in sdk.system_service().storage_domains_service().list() if s.name == "nfs-data")
     listed = sdk.system_service().storage_domains_service().storage_domain_service(sd.id).disks_service().list()
     assert d.id in [x.id for x in listed]
