@@ -127,6 +127,18 @@ def add_disk(e: Engine, spec: types.Disk, req: Request | None = None, status: st
     return d
 
 
+def extend(e: Engine, d: dict[str, Any], size: int) -> None:
+    """Grow a disk (its leaf volume), as the engine's extend; shrinking is refused with its 409."""
+    if size == d["size"]:
+        return
+    if size < d["size"]:
+        raise HttpError(409, "Cannot edit Virtual Disk. New disk size must be larger than the current disk size.")
+    if d["status"] != "ok":
+        raise HttpError(409, f"Cannot edit Virtual Disk. Disk {d['name']} is locked.")
+    e.backend.domains[d["sd"]].resize(d["id"], d["image"], size)
+    d["size"] = size
+
+
 def delete_disk(e: Engine, did: str) -> None:
     d = e.state.coll("disks").pop(did, None)
     if d is None:
@@ -185,13 +197,8 @@ def register(e: Engine) -> None:
             if spec.backup.value == "incremental" and d["format"] != "cow":
                 raise HttpError(409, "Cannot edit Virtual Disk. Incremental backup is supported only for QCOW2 disks.")
             d["backup"] = spec.backup.value
-        if spec.provisioned_size and spec.provisioned_size != d["size"]:
-            if spec.provisioned_size < d["size"]:
-                raise HttpError(409, "Cannot edit Virtual Disk. New disk size must be larger than the current disk size.")
-            if d["status"] != "ok":
-                raise HttpError(409, f"Cannot edit Virtual Disk. Disk {d['name']} is locked.")
-            e.backend.domains[d["sd"]].resize(id, d["image"], int(spec.provisioned_size))
-            d["size"] = int(spec.provisioned_size)
+        if spec.provisioned_size:
+            extend(e, d, int(spec.provisioned_size))
         return obj_reply(disk_obj(e, d))
 
     r.add("GET", "disks", list_disks)

@@ -299,6 +299,9 @@ def register(e: Engine) -> None:
             a["read_only"] = spec.read_only
         if spec.active is not None:
             a["active"] = spec.active
+        if spec.disk is not None and spec.disk.provisioned_size:
+            # Extending a VM's disk goes through its attachment, as in the engine's UI and examples.
+            disks_mod.extend(e, e.state.get("disks", did, "Disk"), int(spec.disk.provisioned_size))
         return obj_reply(attachment_obj(id, did, a, v))
 
     def remove_att(req: Request, id: str, did: str) -> Reply:

@@ -101,6 +101,8 @@ def test_attach_detach_and_conflicts(sdk: Any) -> None:
     with pytest.raises(ovirtsdk4.Error, match="already attached") as e:
         other_atts.add(types.DiskAttachment(disk=types.Disk(id=d.id), interface=types.DiskInterface.VIRTIO_SCSI))
     assert e.value.code == 409
+    atts.attachment_service(d.id).update(types.DiskAttachment(disk=types.Disk(provisioned_size=20 * MiB)))
+    assert sdk.system_service().disks_service().disk_service(d.id).get().provisioned_size == 20 * MiB
     atts.attachment_service(d.id).remove()
     assert atts.list() == []
     assert wait_disk_ok(sdk, d.id)  # detach keeps the disk
