@@ -21,7 +21,7 @@ from typing import Any
 
 from control.errors import NotFound, UsageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS backups (
     id TEXT PRIMARY KEY, engine_id TEXT NOT NULL, vm_id TEXT NOT NULL, vm_name TEXT NOT NULL,
     mode TEXT NOT NULL, method TEXT NOT NULL, type TEXT NOT NULL, state TEXT NOT NULL,
     started REAL NOT NULL, finished REAL, error TEXT, point_id TEXT, store TEXT NOT NULL,
-    stats TEXT NOT NULL DEFAULT '{}');
+    stats TEXT NOT NULL DEFAULT '{}', engine_ref TEXT);
 CREATE INDEX IF NOT EXISTS backups_vm ON backups (vm_id, started);
 CREATE TABLE IF NOT EXISTS disk_backups (
     backup_id TEXT NOT NULL, disk_id TEXT NOT NULL, alias TEXT NOT NULL, format TEXT NOT NULL,
@@ -102,6 +102,9 @@ class Backup:
     error: str | None = None
     point_id: str | None = None  # checkpoint or snapshot kept on the engine for the next incremental
     stats: dict[str, Any] = field(default_factory=dict)
+    # The engine object this backup made (VM backup or snapshot id), recorded as soon as it exists so that a
+    # control plane restarted after a crash can clean it up.
+    engine_ref: str | None = None
     disks: list[DiskBackup] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -222,6 +225,12 @@ class Catalog:
         with self._tx() as db:
             db.execute("DELETE FROM locks WHERE vm_id = ? AND owner = ?", (vm_id, owner))
 
+    def lock_held_elsewhere(self, vm_id: str, owner: str) -> bool:
+        """True if ``owner`` holds the VM's lock in another live process (a control plane still running it)."""
+        rows = self._all("SELECT owner, pid FROM locks WHERE vm_id = ?", (vm_id,))
+        return bool(rows) and rows[0]["owner"] == owner and rows[0]["pid"] != os.getpid() \
+            and _alive(rows[0]["pid"])
+
     def lock_owner(self, vm_id: str) -> str | None:
         rows = self._all("SELECT owner FROM locks WHERE vm_id = ?", (vm_id,))
         return rows[0]["owner"] if rows else None
@@ -231,9 +240,9 @@ class Catalog:
     def add_backup(self, b: Backup) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT INTO backups VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO backups VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (b.id, b.engine_id, b.vm_id, b.vm_name, b.mode, b.method, b.type, b.state, b.started,
-                 b.finished, b.error, b.point_id, b.store, json.dumps(b.stats)))
+                 b.finished, b.error, b.point_id, b.store, json.dumps(b.stats), b.engine_ref))
 
     def update_backup(self, backup_id: str, **fields: Any) -> None:
         if not fields:
@@ -312,6 +321,10 @@ class Catalog:
         cols = ", ".join(f"{k} = ?" for k in fields)
         with self._tx() as db:
             db.execute(f"UPDATE restores SET {cols} WHERE id = ?", (*fields.values(), restore_id))
+
+    def restores_running(self) -> list[Restore]:
+        rows = self._all("SELECT id FROM restores WHERE state NOT IN ('succeeded', 'failed')")
+        return [self.restore(r["id"]) for r in rows]
 
     def restore(self, restore_id: str) -> Restore:
         rows = self._all("SELECT * FROM restores WHERE id = ?", (restore_id,))

@@ -79,7 +79,43 @@ class ControlPlane:
             await nc.subscribe(jobs.TRIGGER_RESTORE, queue=QUEUE_GROUP, cb=self._on_trigger_restore),
         ]
         await nc.flush()
+        await asyncio.to_thread(self.recover)
         log.info("control plane ready nats=%s store=%s", self.bus.url, self.cfg.store_url)
+
+    def recover(self) -> None:
+        """Finish what a control plane that died left: flows in a running state with no live owner are
+        marked failed, and their engine objects cleaned up (open transfers of their disks cancelled, the
+        VM backup finalized, a snapshot that never became a kept point removed), then the VM is unlocked."""
+        for b in self.catalog.backups():
+            if b.state in ("succeeded", "failed") or b.id in self._flows:
+                continue
+            if self.catalog.lock_held_elsewhere(b.vm_id, b.id):
+                continue  # a live control plane elsewhere still runs it
+            done: list[str] = []
+            try:
+                with self._client(self.catalog.engine(b.engine_id)) as c:
+                    disk_ids = {d.disk_id for d in b.disks}
+                    for t in c.transfers():
+                        tdisk = t.disk.id if t.disk else None
+                        if tdisk in disk_ids and not t.phase.value.startswith(("finished", "cancelled")):
+                            c.cancel_transfer(t.id)
+                            done.append(f"transfer {t.id[:8]} cancelled")
+                    if b.engine_ref and b.method == "checkpoint":
+                        c.finalize_backup(b.vm_id, b.engine_ref)
+                        done.append(f"VM backup {b.engine_ref[:8]} finalized")
+                    elif b.engine_ref and b.method == "snapshot" and c.remove_snapshot(b.vm_id, b.engine_ref):
+                        done.append(f"snapshot {b.engine_ref[:8]} removed")
+            except FerryError as e:
+                done.append(f"clean-up incomplete: {e}")
+            self.catalog.update_backup(b.id, state="failed", finished=time.time(),
+                                       error="interrupted: the control plane stopped during the backup"
+                                       + (f" ({'; '.join(done)})" if done else ""))
+            self.catalog.unlock_vm(b.vm_id, b.id)
+            log.warning("recovered backup id=%s vm=%s actions=%s", b.id, b.vm_name, done)
+        for r in self.catalog.restores_running():
+            if r.id not in self._flows:
+                self.catalog.update_restore(r.id, state="failed", finished=time.time(),
+                                            error="interrupted: the control plane stopped during the restore")
 
     async def stop(self) -> None:
         """Stop taking triggers; let running flows finish their clean-up (bounded), then disconnect."""

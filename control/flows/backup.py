@@ -217,6 +217,7 @@ class BackupFlow(Flow):
                 thaw = self.always("thaw filesystems", lambda: c.thaw(vm_id))
             try:
                 sid = c.create_snapshot(vm_id, [d.id for d in self.disks], f"{SNAPSHOT_PREFIX} {self.id}")
+                self.catalog.update_backup(self.id, engine_ref=sid)
                 self.on_failure("remove new snapshot", lambda: c.remove_snapshot(vm_id, sid))
                 self.point_id = sid
                 c.wait_snapshot(vm_id, sid)
@@ -260,6 +261,7 @@ class BackupFlow(Flow):
         c, vm_id = self.client, self.vm.id
         eb = c.start_backup(vm_id, [d.id for d in self.disks], from_checkpoint)
         self.engine_backup_id = eb.id
+        self.catalog.update_backup(self.id, engine_ref=eb.id)
         self._finalize_cleanup = self.always("finalize VM backup", lambda: c.finalize_backup(vm_id, eb.id))
         c.wait_backup_ready(vm_id, eb.id)
         return eb

@@ -63,6 +63,11 @@ class Plane:
             time.sleep(0.2)
         raise RuntimeError("control plane did not come up: " + (self.base / "control.log").read_text()[-2000:])
 
+    def kill_control(self) -> None:
+        assert self.control is not None
+        self.control.send_signal(signal.SIGKILL)
+        self.control.wait()
+
     def start_mover(self, workers: int | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
         p = self._spawn(["mover", "--nats", self.nats.url, "--store", str(self.store), "--capability", "imageio",
                          "--capability", "store", "--workers", str(workers or self.workers), *self.mover_args, *extra],

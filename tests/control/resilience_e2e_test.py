@@ -110,3 +110,22 @@ def test_engine_restart_mid_backup(slow_plane: Plane, lab: Lab) -> None:
     b = wait_backup(slow_plane, bid)
     assert b["state"] == "succeeded", json.dumps(b, indent=1) + slow_plane.logs()
     restore_and_compare(slow_plane, lab, bid, vm)
+
+
+def test_control_plane_killed_mid_backup_is_recovered_at_restart(slow_plane: Plane, lab: Lab) -> None:
+    """A control plane SIGKILLed in the middle of a backup: the restarted one marks it failed, finalizes the
+    VM backup, cancels the open transfers and unlocks the VM; the next backup runs."""
+    from tests.control.faults_e2e_test import engine_state
+
+    vm = make_vm(lab, "r-control")
+    bid = start_backup(slow_plane, vm["name"], "--type", "full", "--method", "checkpoint")
+    mover_running(slow_plane, bid)
+    slow_plane.kill_control()
+    assert engine_state(lab, vm["id"])["open_backups"] != []  # left open by the dead control plane
+    slow_plane.start_control()
+    b = wait_backup(slow_plane, bid, timeout=30)
+    assert b["state"] == "failed" and "interrupted" in b["error"] and "finalized" in b["error"]
+    st = engine_state(lab, vm["id"])
+    assert st["open_backups"] == [] and st["open_transfers"] == []
+    nxt = start_backup(slow_plane, vm["name"], "--type", "full")
+    assert wait_backup(slow_plane, nxt)["state"] == "succeeded"
