@@ -129,3 +129,13 @@ def test_control_plane_killed_mid_backup_is_recovered_at_restart(slow_plane: Pla
     assert st["open_backups"] == [] and st["open_transfers"] == []
     nxt = start_backup(slow_plane, vm["name"], "--type", "full")
     assert wait_backup(slow_plane, nxt)["state"] == "succeeded"
+
+
+def test_second_backup_of_a_busy_vm_is_refused(slow_plane: Plane, lab: Lab) -> None:
+    vm = make_vm(lab, "r-busy")  # 20+ MiB to read at 6 MiB/s: the first backup runs for seconds
+    first = start_backup(slow_plane, vm["name"], "--type", "full")
+    mover_running(slow_plane, first)
+    second = start_backup(slow_plane, vm["name"], "--type", "full")
+    b2 = wait_backup(slow_plane, second)
+    assert b2["state"] == "failed" and "is busy" in b2["error"] and first in b2["error"]
+    assert wait_backup(slow_plane, first)["state"] == "succeeded"
