@@ -28,7 +28,7 @@ from control import vmmeta
 from control.catalog import Backup, Catalog, DiskBackup, Engine, new_id
 from control.engine import DiskInfo, EngineClient
 from control.errors import Busy, EngineError, FlowError, NotFound, UsageError
-from control.flows.base import Dispatcher, Flow
+from control.flows.base import Cleanup, Dispatcher, Flow
 from control.flows.modes import DiskPlan, get_mode
 from mover.jobs import ExportJob, JobProgress, backup_subject, export_subject, snapshot_subject
 
@@ -93,6 +93,8 @@ class BackupFlow(Flow):
         self._last_event = 0.0
         self._plock = threading.Lock()
         self.record: Backup | None = None
+        self.ovf = ""
+        self._finalize_cleanup: Cleanup | None = None
 
     def steps(self) -> list[tuple[str, Callable[[], None]]]:
         return [("preparing", self.prepare), ("snapshotting", self.snapshot), ("exporting", self.export),
@@ -320,7 +322,8 @@ class BackupFlow(Flow):
             self.mode.finish_export(self, plan)
         if self.method == "checkpoint" and self.engine_backup_id:
             phase = self.client.finalize_backup(self.vm.id, self.engine_backup_id)
-            self.discharge(self._finalize_cleanup)
+            if self._finalize_cleanup is not None:
+                self.discharge(self._finalize_cleanup)
             if phase == "failed":
                 raise EngineError(f"VM backup {self.engine_backup_id} ended failed", url=self.client.url)
 

@@ -66,6 +66,9 @@ class RestoreFlow(Flow):
         self._plock = threading.Lock()
         self._last_event = 0.0
         self._recorded = False
+        self.only_disks = False  # some disks, no new VM: they come back as floating disks
+        self.cluster_id = ""
+        self.sd_id: str | None = None
 
     def steps(self) -> list[tuple[str, Callable[[], None]]]:
         return [("preparing", self.prepare), ("creating", self.create), ("uploading", self.upload),
