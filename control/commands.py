@@ -22,10 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from control import config as configmod
-from control import progress as progressmod
 from control.catalog import Catalog
 from control.config import Config
-from control.engine import EngineClient, api_url, validate_user
 from control.errors import UsageError
 from mover import jobs
 
@@ -120,6 +118,8 @@ def open_catalog(cfg: Config) -> Catalog:
 
 
 def cmd_engine_add(args: argparse.Namespace) -> int:
+    from control.engine import EngineClient, api_url, validate_user
+
     cfg = load_config(args)
     url = api_url(args.url)
     user = validate_user(args.user)
@@ -166,6 +166,8 @@ def cmd_engine_list(args: argparse.Namespace) -> int:
 
 
 def cmd_vms(args: argparse.Namespace) -> int:
+    from control.engine import EngineClient
+
     cat = open_catalog(load_config(args))
     engines = [cat.engine(args.engine)] if args.engine else cat.engines()
     if not engines:
@@ -224,6 +226,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 async def _backup(args: argparse.Namespace, cfg: Config) -> int:
+    from control import progress as progressmod
     from control import service
 
     b = await service.client_bus(cfg, nats_url(cfg))
@@ -273,6 +276,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 async def _restore(args: argparse.Namespace, cfg: Config) -> int:
+    from control import progress as progressmod
     from control import service
 
     b = await service.client_bus(cfg, nats_url(cfg))
@@ -418,7 +422,7 @@ def _print_rows(args: argparse.Namespace, rows: list[dict[str, Any]], cols: list
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def _mib(n: Any) -> str:
