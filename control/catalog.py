@@ -292,6 +292,24 @@ class Catalog:
                 return d
         return None
 
+    def import_backup(self, meta: dict[str, Any], engine_id: str, store: str) -> bool:
+        """Add a succeeded backup from its store metadata (``control.vmmeta``); False if already known."""
+        if self._all("SELECT id FROM backups WHERE id = ?", (meta["backup_id"],)):
+            return False
+        b = Backup(id=meta["backup_id"], engine_id=engine_id, vm_id=meta["vm"]["id"], vm_name=meta["vm"]["name"],
+                   mode=meta["mode"], method=meta["method"], type=meta["type"], state="succeeded",
+                   started=float(meta.get("started", meta["created"])), finished=float(meta["created"]),
+                   point_id=meta.get("point_id"), store=store, stats=dict(meta.get("stats") or {}))
+        self.add_backup(b)
+        for d in meta["disks"]:
+            self.put_disk_backup(DiskBackup(backup_id=b.id, disk_id=d["disk_id"], alias=d["alias"],
+                                            format=d["format"], size=int(d["size"]), kind=d["kind"],
+                                            store_backup_id=d["store_backup_id"], state="succeeded",
+                                            note=d.get("note")))
+        if engine_id:
+            self.record_vm(engine_id, b.vm_id, b.vm_name)
+        return True
+
     # the point kept for the next incremental
 
     def chain(self, vm_id: str, method: str) -> tuple[str, str] | None:

@@ -96,6 +96,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the result")
     p.set_defaults(func=cmd_restore)
 
+    p = subparsers.add_parser("catalog", help="the catalog of engines, VMs and backups")
+    csub = p.add_subparsers(dest="catalog_cmd", metavar="ACTION")
+    c = csub.add_parser("rebuild", parents=[common, js],
+                        help="add the backups the store describes (after losing the catalog, or for a new one)")
+    c.set_defaults(func=cmd_catalog_rebuild)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
     from control import demo_vm
 
     p = subparsers.add_parser("demo-vm", help="VM-level demo: lab, NATS, control plane, two movers, backup, "
@@ -204,6 +211,31 @@ def cmd_backups(args: argparse.Namespace) -> int:
                      "disks": len(b.disks), "stored": _mib(b.stats.get("stored", 0)),
                      "error": (b.error or "")[:60]})
     _print_rows(args, rows, ["id", "vm", "mode", "method", "type", "state", "started", "disks", "stored", "error"])
+    return 0
+
+
+def cmd_catalog_rebuild(args: argparse.Namespace) -> int:
+    """Backups are self-described in the store: re-index them (engines must be added to restore them)."""
+    from control import vmmeta
+
+    cfg = load_config(args)
+    cat = open_catalog(cfg)
+    engines = {e.url: e.id for e in cat.engines()}
+    added, known, orphans = [], 0, set()
+    for bid in vmmeta.list_ids(cfg.store_url):
+        meta = vmmeta.load(cfg.store_url, bid)
+        eid = engines.get(meta.get("engine", ""), "")
+        if not eid:
+            orphans.add(meta.get("engine", "?"))
+        if cat.import_backup(meta, eid, cfg.store_url):
+            added.append(bid)
+        else:
+            known += 1
+    out = {"added": added, "known": known, "engines_missing": sorted(orphans)}
+    text = f"{len(added)} backup(s) added, {known} already known"
+    if orphans:
+        text += f"; add these engines to restore their backups: {', '.join(sorted(orphans))}"
+    _print(args, out, text)
     return 0
 
 

@@ -337,8 +337,10 @@ class BackupFlow(Flow):
         cluster = self.vm.cluster.id if self.vm.cluster else None
         vmmeta.save(self.store, {
             "backup_id": self.id, "created": time.time(), "engine": self.engine.url,
+            "started": self.record.started if self.record else time.time(),
             "vm": {"id": vm_id, "name": self.vm.name, "cluster_id": cluster}, "ovf": self.ovf,
-            "mode": self.req.mode, "method": self.method, "type": self.req.type, "disks": disks})
+            "mode": self.req.mode, "method": self.method, "type": self.req.type, "point_id": self.point_id,
+            "disks": disks, "stats": self.stats()})
         assert self.point_id is not None
         self.catalog.update_backup(self.id, point_id=self.point_id)
         self.catalog.set_chain(vm_id, self.method, self.point_id, self.id)

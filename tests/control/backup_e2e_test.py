@@ -4,7 +4,9 @@ every restored disk compared bit for bit, and nothing left on the engine afterwa
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import pytest
 from control.engine import EngineClient
 from control.flows.backup import SHALLOW_LAYER_READS
 from lab.client import Lab
-from tests.control.plane import Plane
+from tests.control.plane import ROOT, Plane
 
 MIB = 2**20
 
@@ -153,3 +155,26 @@ def test_restore_to_another_domain_started(plane: Plane, lab: Lab) -> None:
     # The same name again is refused with one clear line, and leaves nothing behind.
     r2 = plane.ferry("restore", b["id"], "--name", "web-moved", check=False)
     assert r2.returncode != 0 and "exists already" in r2.stderr
+
+
+def test_catalog_rebuilt_from_the_store(plane: Plane, lab: Lab, tmp_path: Path) -> None:
+    vm = make_vm(lab, "web-rebuild", small=True)
+    b = backup(plane, vm["name"], "--type", "full")
+    fresh = tmp_path / "fresh"
+
+    def ferry_fresh(*args: str) -> Any:
+        r = subprocess.run([sys.executable, "-m", "control.cli", *args, "--data-dir", str(fresh), "--store",
+                            str(plane.store), "--json"], capture_output=True, text=True, env=plane.env, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    out = ferry_fresh("catalog", "rebuild")
+    assert b["id"] in out["added"] and out["engines_missing"] == [lab.url]
+    ferry_fresh("engine", "add", lab.url, "--user", lab.user, "--password-file", str(plane.base / "engine-password"),
+                "--ca-file", lab.ca_file)
+    assert ferry_fresh("catalog", "rebuild")["added"] == []  # idempotent
+    (got,) = ferry_fresh("backups", vm["name"])
+    assert (got["id"], got["state"], got["point_id"], got["method"]) == (b["id"], "succeeded", b["point_id"],
+                                                                         b["method"])
+    assert [(d["disk_id"], d["store_backup_id"]) for d in got["disks"]] == \
+        [(d["disk_id"], d["store_backup_id"]) for d in b["disks"]]
