@@ -178,3 +178,18 @@ def test_catalog_rebuilt_from_the_store(plane: Plane, lab: Lab, tmp_path: Path) 
                                                                          b["method"])
     assert [(d["disk_id"], d["store_backup_id"]) for d in got["disks"]] == \
         [(d["disk_id"], d["store_backup_id"]) for d in b["disks"]]
+
+
+def test_excluded_disk_is_not_backed_up_nor_restored(plane: Plane, lab: Lab) -> None:
+    vm = lab.create_vm("web-excl", guest_agent=False, disks=[
+        {"size": 16 * MIB, "format": "cow", "sparse": True, "fill": 0.3, "seed": 4, "backup": "incremental"},
+        {"size": 8 * MIB, "format": "raw", "sparse": True, "fill": 0.0, "seed": 5}])
+    with EngineClient(lab.url, lab.user, lab.password, lab.ca_file) as c:
+        scratch = next(d for d in c.vm_disks(vm["id"]) if d.id == vm["disks"][1])
+    b = backup(plane, vm["name"], "--type", "full", "--exclude", scratch.alias)
+    assert [d["disk_id"] for d in b["disks"]] == [vm["disks"][0]]
+    assert b["method"] == "checkpoint"  # the excluded raw disk does not force the snapshot method
+    r = plane.ferry("backup", vm["name"], "--exclude", "no-such-disk", "--json", check=False)
+    assert r.returncode == 7 and "disk no-such-disk of VM web-excl not found" in r.stdout
+    r2 = plane.ferry_json("restore", b["id"], "--name", "web-excl-restored")
+    assert list(restored_disks(plane, r2["restore_id"])) == [vm["disks"][0]]
