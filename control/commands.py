@@ -357,8 +357,11 @@ def _run_plane(cfg: Config, movers: int, workers: int) -> int:
     cat = open_catalog(cfg)
     server = None
     url_file = cfg.nats_dir / URL_FILE
+    running = _running_embedded(url_file)
     if cfg.nats.url:
         url = cfg.nats.url
+    elif running:
+        url = running  # another `ferry up`/`control` of this data dir serves NATS: share it
     else:
         server = NatsServer(cfg.nats_dir, port=_previous_port(url_file))
         server.start()
@@ -412,6 +415,19 @@ async def _serve_until_signal(plane: Any) -> None:
     await plane.start()
     await stop.wait()
     await plane.stop()
+
+
+def _running_embedded(url_file: Path) -> str | None:
+    """The URL of an embedded NATS of this data dir that answers now, if any."""
+    import socket
+
+    try:
+        url = url_file.read_text().strip()
+        host, port = url.removeprefix("nats://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=1):
+            return url
+    except (OSError, ValueError):
+        return None
 
 
 def _previous_port(url_file: Path) -> int | None:

@@ -61,6 +61,16 @@ def test_ferry_up_runs_everything_and_stops_clean(tmp_path: Path) -> None:
         assert r is not None and r.returncode == 2 and "no engine configured" in r.stderr, r
         children = _children(up.pid)
         assert len(children) >= 2  # nats-server and one mover
+        # A second control plane on the same data dir shares the running NATS instead of starting its own.
+        ctl = subprocess.Popen([sys.executable, "-m", "control.cli", "control", "--data-dir", str(data)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        time.sleep(2)
+        url = url_file.read_text().strip()
+        assert not any("nats-server" in Path(f"/proc/{c}/cmdline").read_text() for c in _children(ctl.pid))
+        ctl.send_signal(signal.SIGTERM)
+        ctl_out = ctl.communicate(timeout=30)[0].decode()
+        assert ctl.returncode == 0 and url in ctl_out, ctl_out
+        assert url_file.read_text().strip() == url  # still `ferry up`'s
     finally:
         up.send_signal(signal.SIGTERM)
         out = up.communicate(timeout=30)[0].decode()
