@@ -197,7 +197,9 @@ def change_blocks(
 ) -> list[dict[str, int | bool]]:
     """Write random data into ``percent`` % of the ``cluster``-sized clusters of the raw image at ``path``.
 
-    Clusters are changed in runs of 1-16 (a guest writes files, not scattered sectors). Returns the extents of
+    Clusters are changed in runs of 1-16 (a guest writes files, not scattered sectors). The runs land anywhere,
+    filesystem metadata included: the bytes change as a guest's would, but ext4's consistency is not kept (do not
+    mount the result expecting a clean filesystem). Returns the extents of
     the whole disk, merged, as ovirt-imageio's ``/extents?context=dirty`` reports them:
     ``[{"start": 0, "length": N, "dirty": false, "zero": false}, ...]``.
     """
