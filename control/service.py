@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from control.catalog import Catalog, Engine
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # How often pending results are also looked up in the stream (covers a reconnect gap); cheap, one request.
 RESULT_POLL = 3.0
+# Flows running at once in one control plane (each a thread blocked on the engine most of the time).
+MAX_FLOWS = 32
 QUEUE_GROUP = "ferry-control"  # several control planes may run: each trigger is served once
 # Extra fields the control plane accepts on ferry.trigger.backup beyond mover.jobs.BackupTrigger.
 BACKUP_EXTRAS = ("exclude", "method", "freeze", "engine")
@@ -64,6 +66,10 @@ class ControlPlane:
         self._flows: dict[str, asyncio.Task[None]] = {}
         self._subs: list[Any] = []
         self.stopped = asyncio.Event()
+        # Flows block in the SDK for their whole run: their own pool, so many run at once and never starve
+        # the loop's default executor. Progress callbacks run in order on one thread of their own.
+        self._flow_pool = ThreadPoolExecutor(max_workers=MAX_FLOWS, thread_name_prefix="flow")
+        self._progress_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress")
 
     # lifecycle
 
@@ -126,6 +132,8 @@ class ControlPlane:
             await asyncio.wait(list(self._flows.values()), timeout=60)
         if self.bus is not None:
             await self.bus.close()
+        self._flow_pool.shutdown(wait=False)
+        self._progress_pool.shutdown(wait=False)
         self.stopped.set()
 
     async def serve(self) -> None:
@@ -220,7 +228,7 @@ class ControlPlane:
     def _spawn(self, flow: Flow) -> None:
         async def run() -> None:
             try:
-                await asyncio.to_thread(flow.run)
+                await asyncio.get_running_loop().run_in_executor(self._flow_pool, flow.run)
             except FerryError as e:
                 log.info("%s ended id=%s error=%s", flow.kind, flow.id, e)
             except Exception:
@@ -317,7 +325,7 @@ class ControlPlane:
         cb = self._progress.get(p.job_id)
         if cb is not None:
             # The callback takes a flow lock and publishes: keep it off the event loop thread.
-            self.loop.run_in_executor(None, cb, p)  # type: ignore[union-attr]
+            self.loop.run_in_executor(self._progress_pool, cb, p)  # type: ignore[union-attr]
 
 
 def _log_event_error(subject: str) -> Callable[[Future[Any]], None]:
