@@ -90,3 +90,36 @@ def _children(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 out.append(int(p.name))
     return out
+
+
+def test_trigger_over_nats_replies_with_the_backup_id(plane: Plane) -> None:
+    """Any NATS client can start a backup: request on ferry.trigger.backup, the reply carries the id, and
+    the backup's events follow on ferry.events.backup.<id>."""
+    import asyncio
+
+    from mover import bus as mbus
+    from mover import jobs
+
+    async def go() -> tuple[dict[str, object], dict[str, object]]:
+        b = await mbus.connect(mbus.BusOptions(url=plane.nats.url))
+        try:
+            msg = await b.nc.request(jobs.TRIGGER_BACKUP, json.dumps({"vm": "ferry-proxy", "type": "full"}).encode(),
+                                     timeout=30)
+            reply = json.loads(msg.data)
+            for _ in range(100):
+                try:
+                    last = await b.js.get_last_msg(jobs.STREAM_EVENTS, jobs.backup_subject(reply["backup_id"]))
+                    ev = json.loads(last.data)
+                    if ev["state"] in ("succeeded", "failed"):
+                        return reply, ev
+                except Exception:
+                    pass
+                await asyncio.sleep(0.1)
+            raise AssertionError("no final event")
+        finally:
+            await b.close()
+
+    reply, ev = asyncio.run(go())
+    assert set(reply) == {"backup_id"}
+    assert ev["backup_id"] == reply["backup_id"] and ev["vm"] == "ferry-proxy"
+    assert ev["state"] == "failed" and "no disk left" in ev["error"]  # the proxy VM has no disks
