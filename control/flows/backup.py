@@ -128,6 +128,8 @@ class BackupFlow(Flow):
             for k in keys:
                 v = r.stats.get(f"bytes_{k}", r.stats.get(k, 0))
                 total[k] += int(v) if isinstance(v, (int, float)) else 0
+        if self.req.mode == "imageio" and not total["sent"]:
+            total["sent"] = total["read"]  # what the mover read came over HTTPS from imageio, once
         start = self.history[0][1] if self.history else time.time()
         total["seconds"] = round(time.time() - start, 3)
         total["warnings"] = self.warnings
