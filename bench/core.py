@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,10 +136,15 @@ def sparse_image(ctx: Context, tool: Tool, size: int, pieces: int = 8, piece: in
 def _restore_facts(m: Any, dest: Path, original: Path, size: int) -> dict[str, Any]:
     if not dest.exists():
         raise BenchError(f"restore did not create {dest.name}")
+    # Some tools fsync their output (Ferry, qemu-img), others leave it in the page cache (borg, restic): the
+    # time to make the file durable afterwards puts them on equal terms.
+    sync = run(["sync", str(dest)], logdir=dest.parent / ".sync-logs").check()
+    shutil.rmtree(dest.parent / ".sync-logs", ignore_errors=True)
     allocated = du(dest)
     return _step(
         m,
         rate_gbps=round(size / m.seconds / 1e9, 3),
+        durable_seconds=round(m.seconds + sync.seconds, 3),
         allocated=allocated,
         sparse=is_sparse(allocated, du(original), size),
         identical=identical(dest, original),

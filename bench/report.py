@@ -21,6 +21,7 @@ COLUMNS: list[tuple[str, str]] = [
     ("changed_ratio", "chg/1st"),
     ("restore_s", "restore s"),
     ("restore_gbps", "GB/s"),
+    ("durable_s", "+sync s"),
     ("sparse", "sparse"),
     ("identical", "identical"),
 ]
@@ -57,6 +58,7 @@ def rows(res: dict[str, Any], ferry: str = "ferry") -> list[dict[str, Any]]:
             "changed_ratio": _ratio(ch.get("seconds"), b1.get("seconds")),
             "restore_s": rs.get("seconds"),
             "restore_gbps": rs.get("rate_gbps"),
+            "durable_s": rs.get("durable_seconds"),
             "sparse": rs.get("sparse"),
             "identical": rs.get("identical"),
         })

@@ -42,7 +42,7 @@ def test_table_has_every_column_and_tool(bench_run: tuple) -> None:
     for row in table[:4]:
         # Every measured figure is present for the tools (Ferry alone has the --changed column).
         for key in ("backup_s", "ferry_ratio_time", "stored_mib", "ferry_ratio_stored", "peak_mib", "backup2_s",
-                    "restore_s", "restore_gbps"):
+                    "restore_s", "restore_gbps", "durable_s"):
             assert isinstance(row[key], float | int) and row[key] > 0, (row["tool"], key)
     assert table[0]["changed_s"] > 0
 
