@@ -204,6 +204,10 @@ class Catalog:
         rows = self._all("SELECT id FROM vms WHERE name = ? ORDER BY updated DESC", (name,))
         return rows[0]["id"] if rows else None
 
+    def vm_name(self, vm_id: str) -> str | None:
+        rows = self._all("SELECT name FROM vms WHERE id = ?", (vm_id,))
+        return rows[0]["name"] if rows else None
+
     def engine_of_vm(self, vm: str) -> str | None:
         """Id of the engine the VM (name or id) was last seen on."""
         rows = self._all("SELECT engine_id FROM vms WHERE id = ? OR name = ? ORDER BY updated DESC", (vm, vm))

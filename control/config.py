@@ -79,6 +79,13 @@ class Config:
     # Seconds to wait for one engine entity (snapshot ok, transfer ready, backup ready); real engines take
     # minutes on a loaded storage domain, so the default is generous; tests lower it.
     engine_timeout: float = 600.0
+    # Application consistency: shell commands run by the control plane before and after the point in time
+    # of a VM's backup (quiesce a database, say), per VM name or "*". Only from the configuration file, never
+    # from a trigger message: whoever can publish on NATS must not be able to run commands here.
+    hooks: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def hooks_for(self, vm_name: str) -> dict[str, str]:
+        return dict(self.hooks.get(vm_name) or self.hooks.get("*") or {})
 
     @property
     def catalog_path(self) -> Path:
@@ -143,6 +150,12 @@ def load(data_dir: str | os.PathLike[str] | None = None, config_file: str | None
     if nats_url:
         nats.url = nats_url
     cfg = Config(data_dir=root.absolute(), store=store or str(conf.get("store") or ""), nats=nats)
+    hooks = conf.get("hooks") or {}
+    if not isinstance(hooks, dict) or not all(
+            isinstance(h, dict) and set(h) <= {"pre", "post"} and all(isinstance(v, str) for v in h.values())
+            for h in hooks.values()):
+        raise UsageError('bad config: "hooks" maps VM names to {"pre": "command", "post": "command"}')
+    cfg.hooks = hooks
     for key in ("job_timeout", "engine_timeout"):
         if key in conf:
             setattr(cfg, key, float(conf[key]))

@@ -162,8 +162,9 @@ class ControlPlane:
             # Expected failures (wrong password, unreachable engine, missing VM) answer the trigger itself,
             # so `ferry backup` prints them as one line with the right exit code.
             engine, req.vm = await asyncio.to_thread(self._locate_vm, trig.vm, extras.get("engine"))
+            vm_name = self.catalog.vm_name(req.vm) or trig.vm
             flow = BackupFlow(req, self.catalog, engine, self, self.cfg.store_url, self.cfg.job_timeout,
-                              client_factory=self._client)
+                              client_factory=self._client, hooks=self.cfg.hooks_for(vm_name))
         except FerryError as e:
             await self._reply(msg, {"error": str(e), "exit_code": e.exit_code})
             return

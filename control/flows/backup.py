@@ -17,6 +17,8 @@ falls back to a full backup of the disks concerned, and the disk backup's note s
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +43,7 @@ SNAPSHOT_PREFIX = "ferry backup"  # description of the snapshots Ferry takes: on
 # then differ; tests/control/backup_e2e_test.py catches it). Until the pipeline merges such blocks with the
 # base, the new snapshot is read in full and only changed blocks are stored.
 SHALLOW_LAYER_READS = False
+HOOK_TIMEOUT = 300  # seconds for a pre/post-snapshot command: quiescing an application, not a backup of it
 
 
 @dataclass
@@ -65,7 +68,8 @@ class BackupFlow(Flow):
     kind = "backup"
 
     def __init__(self, req: BackupRequest, catalog: Catalog, engine: Engine, dispatcher: Dispatcher,
-                 store: str, job_timeout: float = 6 * 3600, client_factory: ClientFactory = default_client) -> None:
+                 store: str, job_timeout: float = 6 * 3600, client_factory: ClientFactory = default_client,
+                 hooks: dict[str, str] | None = None) -> None:
         super().__init__(req.backup_id)
         if req.type not in ("full", "incremental"):
             raise UsageError(f"backup type {req.type!r} is not full or incremental")
@@ -93,6 +97,7 @@ class BackupFlow(Flow):
         self._last_event = 0.0
         self._plock = threading.Lock()
         self.record: Backup | None = None
+        self.hooks = dict(hooks or {})
         self.ovf = ""
         self._finalize_cleanup: Cleanup | None = None
 
@@ -189,6 +194,34 @@ class BackupFlow(Flow):
                                    "total": d.size, "stored": 0, "rate": 0.0}
 
     def snapshot(self) -> None:
+        post = None
+        if self.hooks.get("post"):
+            post = self.always("post-snapshot command", lambda: self._hook("post"))
+        if self.hooks.get("pre"):
+            self._hook("pre")
+        self._take_point()
+        if post is not None:
+            # Right after the point in time: the application resumes before the long export starts.
+            self.discharge(post)  # discharged first: a failing post command is not run a second time
+            self._hook("post")
+
+    def _hook(self, which: str) -> None:
+        """Run the configured pre/post command (application consistency); a failure fails the backup."""
+        cmd = self.hooks[which]
+        env = {**os.environ, "FERRY_VM": self.vm.name, "FERRY_VM_ID": self.vm.id, "FERRY_BACKUP_ID": self.id,
+               "FERRY_HOOK": which}
+        try:
+            r = subprocess.run(cmd, shell=True, env=env, capture_output=True, text=True, timeout=HOOK_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise FlowError(f"{which}-snapshot command timed out after {HOOK_TIMEOUT}s", kind="hook",
+                            name=self.vm.name) from None
+        log.info("hook ran vm=%s hook=%s rc=%d", self.vm.name, which, r.returncode)
+        if r.returncode != 0:
+            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
+            raise FlowError(f"{which}-snapshot command exited {r.returncode}: {tail[0][:200]}", kind="hook",
+                            name=self.vm.name)
+
+    def _take_point(self) -> None:
         c, vm_id = self.client, self.vm.id
         if self.method == "checkpoint":
             try:

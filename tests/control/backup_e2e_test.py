@@ -193,3 +193,21 @@ def test_excluded_disk_is_not_backed_up_nor_restored(plane: Plane, lab: Lab) -> 
     assert r.returncode == 7 and "disk no-such-disk of VM web-excl not found" in r.stdout
     r2 = plane.ferry_json("restore", b["id"], "--name", "web-excl-restored")
     assert list(restored_disks(plane, r2["restore_id"])) == [vm["disks"][0]]
+
+
+def test_pre_and_post_snapshot_commands(plane: Plane, lab: Lab) -> None:
+    """Hooks from the control plane's configuration run around the point in time; a failing pre command
+    fails the backup with its message, still runs the post command, and leaves no snapshot."""
+    ok = make_vm(lab, "web-hooks", small=True)
+    b = backup(plane, ok["name"], "--type", "full", "--method", "snapshot")
+    lines = plane.hook_log.read_text().splitlines()
+    assert lines == [f"pre web-hooks {b['id']}", f"post web-hooks {b['id']}"]
+
+    bad = make_vm(lab, "web-hookfail", small=True)
+    r = plane.ferry("backup", bad["name"], "--type", "full", "--method", "snapshot", "--json", check=False)
+    (f,) = json.loads(r.stdout)
+    assert f["state"] == "failed" and "pre-snapshot command exited 3: database refused to quiesce" in f["error"]
+    assert plane.hook_log.read_text().splitlines()[2:] == [f"pre web-hookfail {f['id']}",
+                                                           f"post web-hookfail {f['id']}"]
+    with EngineClient(lab.url, lab.user, lab.password, lab.ca_file) as c:
+        assert c.snapshots(bad["id"]) == []

@@ -29,7 +29,13 @@ class Plane:
         self.store.mkdir(parents=True, exist_ok=True)
         self.data.mkdir(parents=True, exist_ok=True)
         # Short engine waits so a hung transfer fails the flow in seconds, not the production 10 minutes.
-        (self.data / "config.json").write_text(json.dumps({"engine_timeout": 8, "job_timeout": 300}))
+        # Hooks for the VMs of the hook tests only: each appends to hooks.log what ran, for which backup.
+        self.hook_log = base / "hooks.log"
+        log = f'echo "$FERRY_HOOK $FERRY_VM $FERRY_BACKUP_ID" >> {self.hook_log}'
+        hooks = {"web-hooks": {"pre": log, "post": log},
+                 "web-hookfail": {"pre": f"{log}; echo database refused to quiesce >&2; exit 3", "post": log}}
+        (self.data / "config.json").write_text(json.dumps({"engine_timeout": 8, "job_timeout": 300,
+                                                           "hooks": hooks}))
         self.nats = NatsServer(base / "nats")
         self.workers = workers
         self.mover_args = mover_args
