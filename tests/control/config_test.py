@@ -51,3 +51,14 @@ def test_ensure_makes_private_dirs(tmp_path: Path) -> None:
     cfg = config.load(data_dir=tmp_path / "d")
     cfg.ensure()
     assert (cfg.secrets_dir.stat().st_mode & 0o777) == 0o700
+
+
+def test_hooks_per_vm_or_default(tmp_path: Path) -> None:
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"hooks": {"db": {"pre": "a", "post": "b"}, "*": {"pre": "c"}}}))
+    cfg = config.load(config_file=str(f))
+    assert cfg.hooks_for("db") == {"pre": "a", "post": "b"}
+    assert cfg.hooks_for("web") == {"pre": "c"}
+    f.write_text(json.dumps({"hooks": {"db": {"pre": 1}}}))
+    with pytest.raises(UsageError, match="hooks"):
+        config.load(config_file=str(f))
