@@ -298,7 +298,12 @@ class Catalog:
 
     def import_backup(self, meta: dict[str, Any], engine_id: str, store: str) -> bool:
         """Add a succeeded backup from its store metadata (``control.vmmeta``); False if already known."""
-        if self._all("SELECT id FROM backups WHERE id = ?", (meta["backup_id"],)):
+        known = self._all("SELECT engine_id FROM backups WHERE id = ?", (meta["backup_id"],))
+        if known:
+            if engine_id and not known[0]["engine_id"]:
+                # Indexed before its engine was added: attach it now, so it can be restored.
+                self.update_backup(meta["backup_id"], engine_id=engine_id)
+                self.record_vm(engine_id, meta["vm"]["id"], meta["vm"]["name"])
             return False
         b = Backup(id=meta["backup_id"], engine_id=engine_id, vm_id=meta["vm"]["id"], vm_name=meta["vm"]["name"],
                    mode=meta["mode"], method=meta["method"], type=meta["type"], state="succeeded",

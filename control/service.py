@@ -178,6 +178,9 @@ class ControlPlane:
         try:
             trig = jobs.RestoreTrigger.from_json(msg.data)
             backup = self.catalog.backup(trig.backup_id)
+            if not backup.engine_id:
+                raise UsageError(f"the engine of backup {backup.id} is not in the catalog: `ferry engine add` it, "
+                                 "then `ferry catalog rebuild`")
             engine = self.catalog.engine(backup.engine_id)
             req = RestoreRequest(backup_id=backup.id, name=trig.name, cluster=trig.cluster,
                                  storage_domain=trig.storage_domain, disks=trig.disks, start=trig.start)

@@ -174,6 +174,7 @@ def test_catalog_rebuilt_from_the_store(plane: Plane, lab: Lab, tmp_path: Path) 
                 "--ca-file", lab.ca_file)
     assert ferry_fresh("catalog", "rebuild")["added"] == []  # idempotent
     (got,) = ferry_fresh("backups", vm["name"])
+    assert got["engine_id"]  # attached to the engine added after the first rebuild
     assert (got["id"], got["state"], got["point_id"], got["method"]) == (b["id"], "succeeded", b["point_id"],
                                                                          b["method"])
     assert [(d["disk_id"], d["store_backup_id"]) for d in got["disks"]] == \
