@@ -152,6 +152,14 @@ def test_restore_to_another_domain_started(plane: Plane, lab: Lab) -> None:
         (disk,) = c.vm_disks(rvm.id)
         assert disk.storage_domain == sd["id"] and disk.format == "cow" and disk.size == 16 * MIB
     assert same(lab.volume_paths(vm["disks"][0])[-1], lab.volume_paths(new[vm["disks"][0]])[-1])
+    from control.catalog import Catalog
+
+    cat = Catalog(plane.data / "catalog.sqlite")
+    try:
+        st = cat.restore(r["restore_id"]).stats
+    finally:
+        cat.close()
+    assert st["zero"] > 0 and 0 < st["written"] < 16 * MIB  # zeros were not sent, only data was
     # The same name again is refused with one clear line, and leaves nothing behind.
     r2 = plane.ferry("restore", b["id"], "--name", "web-moved", check=False)
     assert r2.returncode != 0 and "exists already" in r2.stderr
