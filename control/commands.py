@@ -105,8 +105,8 @@ def register(subparsers: Any) -> None:
 
     from control import demo_vm
 
-    p = subparsers.add_parser("demo-vm", help="VM-level demo: lab, NATS, control plane, two movers, backup, "
-                              "incremental, restore, verify")
+    p = subparsers.add_parser("demo", help="the whole product on the lab: NATS, control plane, two movers, "
+                              "full and incremental backup, restore, verify")
     demo_vm.register_args(p)
     p.set_defaults(func=demo_vm.cmd)
 

@@ -1,10 +1,10 @@
-"""``ferry demo``: the data-mover core end to end on a realistic disk image, in about a minute.
+"""``ferry demo-image``: the data-mover core end to end on a realistic disk image, in about a minute.
 
 Builds an ext4 image filled with real files of this machine (``lab.images``), backs it up, changes ~1% of
 its 64 KiB clusters as a guest would, backs it up twice more (only the changed extents, as ovirt-imageio's
 dirty extents report them, and a full re-read), restores every backup, verifies each bit for bit against
-the image it was taken from, prints a table, and removes everything it made. Self-contained: the VM-level
-demo of the control plane replaces it later.
+the image it was taken from, prints a table, and removes everything it made. ``ferry demo`` is the
+VM-level demo (control plane, NATS, movers and the lab).
 """
 
 from __future__ import annotations
@@ -167,9 +167,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``ferry demo``."""
+    """Add ``ferry demo-image``."""
     p = subparsers.add_parser(
-        "demo", help="show the data-mover core: back up, change, back up, restore, verify",
+        "demo-image", help="the data-mover core alone: back up an image, change, back up, restore, verify",
         description="Build a realistic ext4 disk image, back it up into a new store, change ~1%% of it, back "
                     "it up with only the changed extents and with a full re-read, restore every backup, "
                     "verify bit for bit, print a table and clean up.")

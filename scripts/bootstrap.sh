@@ -35,7 +35,7 @@ shopt -s nullglob
 want=$(cat pyproject.toml setup.py ext/*.pyx ext/*.pxd ext/*.h | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "bootstrap: installing Ferry and its Python dependencies into .venv"
-    .venv/bin/pip install -q "cython>=3.0" "setuptools>=68" wheel
+    .venv/bin/pip install -q "cython>=3.0" "setuptools>=77" wheel
     .venv/bin/pip install -q --no-build-isolation -e ".[dev]"
     echo "$want" > "$stamp"
 fi

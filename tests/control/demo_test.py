@@ -1,4 +1,4 @@
-"""``ferry demo`` (the image-level demo) on a small realistic image: every restore verified, nothing left."""
+"""``ferry demo-image`` (the image-level demo) on a small realistic image: every restore verified, nothing left."""
 
 from __future__ import annotations
 
