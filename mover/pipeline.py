@@ -88,6 +88,65 @@ def _touched(extents: Iterator[Extent], bs: int, want: Callable[[Extent], bool])
         yield run_first, run_end
 
 
+# Byte ranges [lo, hi) inside one block, relative to the block's start.
+Parts = list[tuple[int, int]]
+
+
+def _dirty_runs(extents: Iterator[Extent], bs: int, size: int) -> Iterator[tuple[int, int, dict[int, Parts]]]:
+    """Runs (first, end) of blocks touched by dirty extents, each with its partly dirty blocks.
+
+    The third item maps a block index to the dirty ranges inside it, for the blocks of the run that dirty
+    extents do not cover whole (the rest of such a block is unchanged and comes from the base). Only the
+    first and last block of an extent can be partial, so the map stays as small as the extent list.
+    """
+    run_first = run_end = -1
+    edges: dict[int, Parts] = {}
+    for e in extents:
+        if e.length == 0 or not e.dirty:
+            continue
+        first, end = e.start // bs, (e.end + bs - 1) // bs
+        if first > run_end:
+            if run_end > run_first:
+                yield run_first, run_end, _partial(edges, bs, size)
+            run_first, run_end, edges = first, end, {}
+        else:  # continues the run (a block shared with the previous dirty extent, or the next block)
+            run_end = max(run_end, end)
+        for idx in {first, end - 1}:
+            base = idx * bs
+            edges.setdefault(idx, []).append((max(e.start, base) - base, min(e.end, base + bs) - base))
+    if run_end > run_first:
+        yield run_first, run_end, _partial(edges, bs, size)
+
+
+def _partial(edges: dict[int, Parts], bs: int, size: int) -> dict[int, Parts]:
+    """The blocks of ``edges`` whose dirty ranges (merged) leave part of the block clean."""
+    out: dict[int, Parts] = {}
+    for idx, parts in edges.items():
+        blen = min(bs, size - idx * bs)
+        merged: Parts = []
+        for lo, hi in sorted(parts):
+            if merged and lo <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        if merged != [(0, blen)]:
+            out[idx] = merged
+    return out
+
+
+def _clean(parts: Parts, blen: int) -> Parts:
+    """The complement of sorted, merged ``parts`` in [0, blen)."""
+    out: Parts = []
+    pos = 0
+    for lo, hi in parts:
+        if lo > pos:
+            out.append((pos, lo))
+        pos = hi
+    if pos < blen:
+        out.append((pos, blen))
+    return out
+
+
 class _Backup:
     """One backup run; see module docstring."""
 
@@ -118,8 +177,8 @@ class _Backup:
         self.readers = readers
         self.workers = workers
         self.crew = crew
-        self.tasks: queue.Queue[tuple[int, int] | None] = queue.Queue(maxsize=readers * 2)
-        self.filled: queue.Queue[tuple[int, int, mmap.mmap] | None] = queue.Queue()
+        self.tasks: queue.Queue[tuple[int, int, dict[int, Parts]] | None] = queue.Queue(maxsize=readers * 2)
+        self.filled: queue.Queue[tuple[int, int, dict[int, Parts], mmap.mmap] | None] = queue.Queue()
         # mmap gives page-aligned buffers, which O_DIRECT readers need; they are reused for the whole run.
         self.pool: queue.Queue[mmap.mmap] = queue.Queue()
         for _ in range(readers + workers + 1):
@@ -145,17 +204,23 @@ class _Backup:
 
     def plan(self) -> None:
         """Queue the runs of blocks to read; set zero entries for untouched blocks of a full read."""
+        runs: Iterator[tuple[int, int, dict[int, Parts]]]
         if self.changed:
-            extents = self.source.extents("dirty")
-            runs = _touched(extents, self.bs, lambda e: e.dirty)
+            runs = _dirty_runs(self.source.extents("dirty"), self.bs, self.size)
         else:
-            extents = self.source.extents("zero")
-            runs = _touched(extents, self.bs, lambda e: not e.zero)
+            runs = ((f, e, {}) for f, e in _touched(self.source.extents("zero"), self.bs, lambda e: not e.zero))
         pos = 0
-        for first, end in runs:
+        for first, end, partial in runs:
             self._skip(pos, first)
+            keys = sorted(partial)
+            k = 0
             for f in range(first, end, self.chunk_blocks):
-                self.crew.put(self.tasks, (f, min(f + self.chunk_blocks, end)))
+                e = min(f + self.chunk_blocks, end)
+                parts: dict[int, Parts] = {}
+                while k < len(keys) and keys[k] < e:
+                    parts[keys[k]] = partial[keys[k]]
+                    k += 1
+                self.crew.put(self.tasks, (f, e, parts))
             pos = end
         self._skip(pos, self.nblocks)
         for _ in range(self.readers):
@@ -180,7 +245,7 @@ class _Backup:
                 task = self.crew.get(self.tasks)
                 if task is None:
                     break
-                first, end = task
+                first, end, parts = task
                 offset, length = self._span(first, end)
                 buf = self.crew.get(self.pool)
                 try:
@@ -191,7 +256,7 @@ class _Backup:
                 if n != length:
                     self.pool.put(buf)
                     raise _source_shrank(self.source, offset + n)
-                self.crew.put(self.filled, (first, end, buf))
+                self.crew.put(self.filled, (first, end, parts, buf))
         finally:
             reader.close()
             with self._lock:
@@ -206,16 +271,18 @@ class _Backup:
             item = self.crew.get(self.filled)
             if item is None:
                 return
-            first, end, buf = item
+            first, end, parts, buf = item
             try:
-                self._process(first, end, memoryview(buf))
+                self._process(first, end, parts, memoryview(buf))
             finally:
                 self.pool.put(buf)
 
-    def _process(self, first: int, end: int, buf: memoryview) -> None:
+    def _process(self, first: int, end: int, parts: dict[int, Parts], buf: memoryview) -> None:
         bs = self.bs
         _, length = self._span(first, end)
         data = buf[:length]
+        for idx, dirty in parts.items():
+            self._merge_base(idx, dirty, data[(idx - first) * bs : (idx - first) * bs + bs])
         flags = zero_flags(data, bs)
         ids = self.store.block_ids(data, zero=bytes(flags))
         zero = dup = new = stored = 0
@@ -238,6 +305,26 @@ class _Backup:
                     dup += blen
             self.manifest[idx] = block_id
         self.progress.add(done=length, read=length, zero=zero, duplicate=dup, new=new, stored=stored)
+
+    def _merge_base(self, idx: int, dirty: Parts, block: memoryview) -> None:
+        """Put the base block's bytes in the clean ranges of a partly dirty block.
+
+        With ``changed`` only dirty extents come from the source: a shallow source (one qcow2 layer) reads
+        clusters the layer does not hold as zeros, so the rest of the block must be the base's. A source
+        showing the whole disk (a checkpoint backup) reads the same bytes there, so merging is right for both.
+        """
+        base_id = self.manifest[idx]  # still the base's entry: only this worker writes this block's entry
+        clean = _clean(dirty, len(block))
+        if base_id == ZERO_ID:
+            for lo, hi in clean:
+                block[lo:hi] = bytes(hi - lo)
+            return
+        try:
+            base = self.store.read_block(base_id)
+        except OSError as e:
+            raise store_error(self.store, e) from None
+        for lo, hi in clean:
+            block[lo:hi] = base[lo:hi]
 
 
 def _source_shrank(source: Source, offset: int) -> FerryError:
