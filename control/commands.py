@@ -69,7 +69,8 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("backup", parents=[common, js], help="back up VMs")
     p.add_argument("vms", nargs="+", metavar="VM", help="VM names or ids")
-    p.add_argument("--mode", default="imageio", choices=["imageio", "ssh", "attach"])
+    p.add_argument("--mode", default="imageio", choices=["imageio", "ssh", "attach"],
+                   help="export mode (default imageio; ssh and attach are not built yet)")
     p.add_argument("--type", default="incremental", choices=["full", "incremental"],
                    help="incremental falls back to full when there is no usable earlier backup")
     p.add_argument("--method", choices=["checkpoint", "snapshot"], help="default: checkpoint when possible")
