@@ -76,3 +76,22 @@ def test_bound_targets_sparse_and_machine(bench_run: tuple) -> None:
     assert "kernels" not in doc  # quick mode skips them
     # The run's scratch directory is gone.
     assert list(workdir.iterdir()) == []
+
+
+def test_block_size_sweep(tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--size", "64M", "--block-sizes", "64K,1M",
+         "--workdir", str(tmp_path / "w"), "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    doc = json.loads(out.read_text())
+    assert "core" not in doc and "sparse64" not in doc
+    tools = doc["block_sizes"]["tools"]
+    assert set(tools) == {"ferry-64K", "ferry-1024K"}
+    for t in tools.values():
+        assert t["restore"]["identical"] and t["restore_changed"]["identical"]
+    # Larger blocks: a 1% change of 64 KiB clusters makes more new data.
+    assert tools["ferry-1024K"]["backup2"]["stored_delta"] > tools["ferry-64K"]["backup2"]["stored_delta"]
+    assert "ferry-64K" in res.stdout and "ferry-1024K" in res.stdout
