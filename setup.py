@@ -7,7 +7,7 @@ extensions = [
     Extension(
         "mover._kernels",
         ["ext/kernels.pyx"],
-        libraries=["crypto"],
+        libraries=["crypto", "zstd"],
         extra_compile_args=["-O3", "-march=x86-64-v2"],
     ),
 ]

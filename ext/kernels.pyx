@@ -201,3 +201,72 @@ def mark_found(const unsigned char[::1] table not None, Py_ssize_t start, Py_ssi
                 if lv != NULL:
                     lv[r] = 1
     return hits
+
+
+# --- restore: batched zstd decompression into one buffer ----------------------------------------------
+
+cdef extern from "zstd.h" nogil:
+    ctypedef struct ZSTD_DCtx:
+        pass
+    ZSTD_DCtx *ZSTD_createDCtx()
+    size_t ZSTD_freeDCtx(ZSTD_DCtx *dctx)
+    size_t ZSTD_decompressDCtx(ZSTD_DCtx *dctx, void *dst, size_t dst_cap, const void *src, size_t src_size)
+    unsigned ZSTD_isError(size_t code)
+
+from libc.string cimport memcpy
+
+DEF PLAN_COLS = 5  # src_off, src_len, dst_off, raw_len, flags
+DEF FLAG_ZSTD = 1
+
+
+def unpack_records(const unsigned char[::1] src not None, const int64_t[::1] plan not None,
+                   unsigned char[::1] dst not None) -> int:
+    """Decompress (flag bit 0) or copy each planned record of ``src`` into its place in ``dst``.
+
+    ``plan`` holds 5 int64 per record: offset and length of its stored bytes in ``src``, offset and raw
+    length in ``dst``, flags. Returns -1 when every record yields exactly its raw length, else the index of
+    the first that does not (bad frame, wrong length): the caller re-reads that block the slow way. One
+    GIL-free call per batch, with the frames decoded straight into ``dst`` (no per-block allocation).
+    """
+    cdef Py_ssize_t n = plan.shape[0] // PLAN_COLS
+    cdef Py_ssize_t i, bad = -1
+    cdef int64_t so, sl, do, rl, fl
+    cdef size_t r
+    cdef ZSTD_DCtx *dctx
+    if plan.shape[0] % PLAN_COLS:
+        raise ValueError("plan length is not a multiple of 5")
+    for i in range(n):  # bounds first, under the GIL, so the loop below cannot touch memory it must not
+        so = plan[i * PLAN_COLS]
+        sl = plan[i * PLAN_COLS + 1]
+        do = plan[i * PLAN_COLS + 2]
+        rl = plan[i * PLAN_COLS + 3]
+        if so < 0 or sl < 0 or so + sl > src.shape[0] or do < 0 or rl < 0 or do + rl > dst.shape[0]:
+            raise ValueError("plan out of bounds")
+    if n == 0:
+        return -1
+    dctx = ZSTD_createDCtx()
+    if dctx == NULL:
+        raise MemoryError("ZSTD_createDCtx")
+    with nogil:
+        for i in range(n):
+            so = plan[i * PLAN_COLS]
+            sl = plan[i * PLAN_COLS + 1]
+            do = plan[i * PLAN_COLS + 2]
+            rl = plan[i * PLAN_COLS + 3]
+            fl = plan[i * PLAN_COLS + 4]
+            if fl & FLAG_ZSTD:
+                if rl == 0:
+                    r = ZSTD_decompressDCtx(dctx, NULL, 0, &src[so] if sl else NULL, <size_t>sl)
+                else:
+                    r = ZSTD_decompressDCtx(dctx, &dst[do], <size_t>rl, &src[so] if sl else NULL, <size_t>sl)
+                if ZSTD_isError(r) or r != <size_t>rl:
+                    bad = i
+                    break
+            else:
+                if sl != rl:
+                    bad = i
+                    break
+                if rl:
+                    memcpy(&dst[do], &src[so], <size_t>rl)
+    ZSTD_freeDCtx(dctx)
+    return bad

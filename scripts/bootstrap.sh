@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
     qemu-utils libnbd-bin fuse3 openssh-server openssh-client netcat-openbsd e2fsprogs
     util-linux procps time borgbackup restic
-    build-essential pkg-config libssl-dev libcurl4-openssl-dev libxml2-dev python3-dev python3-venv
+    build-essential pkg-config libssl-dev libzstd-dev libcurl4-openssl-dev libxml2-dev python3-dev python3-venv
 )
 
 missing=()
