@@ -37,12 +37,11 @@ from mover.jobs import ExportJob, JobProgress, backup_subject, export_subject, s
 log = logging.getLogger(__name__)
 
 SNAPSHOT_PREFIX = "ferry backup"  # description of the snapshots Ferry takes: only those are ever removed
-# Snapshot-method incrementals could read only the clusters of the one layer added since the last backup
-# (a shallow transfer). Off: a store block (256 KiB) spans several 64 KiB qcow2 clusters, and the mover reads
-# a block whose clusters are partly in the layer with zeros where it should take the base's data (restores
-# then differ; tests/control/backup_e2e_test.py catches it). Until the pipeline merges such blocks with the
-# base, the new snapshot is read in full and only changed blocks are stored.
-SHALLOW_LAYER_READS = False
+# Snapshot-method incrementals read only the clusters of the one layer added since the last backup (a
+# shallow transfer). A store block (256 KiB) spans four 64 KiB qcow2 clusters; the mover's pipeline takes the
+# clusters of a block the layer does not hold from the base block (tests/mover/pipeline_shallow_test.py).
+# Off: the new snapshot is read in full and only changed blocks are stored.
+SHALLOW_LAYER_READS = True
 HOOK_TIMEOUT = 300  # seconds for a pre/post-snapshot command: quiescing an application, not a backup of it
 
 
