@@ -23,5 +23,9 @@ test: lint unit
 bench: setup
 	$(PY) -m bench.run $(if $(QUICK),--quick) $(if $(JSON),--json $(JSON)) $(BENCH_ARGS)
 
+.PHONY: bench-imageio
+bench-imageio: setup
+	$(PY) -m bench.imageio_bench $(if $(SIZE),--size $(SIZE)) $(if $(JSON),--json $(JSON)) $(BENCH_ARGS)
+
 clean:
 	rm -rf build *.egg-info mover/_kernels*.so ext/*.c
