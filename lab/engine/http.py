@@ -151,6 +151,10 @@ class Server(ThreadingHTTPServer):
         self.fault = fault
         super().__init__(("127.0.0.1", port), _Handler)
         self._thread: threading.Thread | None = None
+        # Open connections, cut on stop: a restarted engine must not keep serving old keep-alive
+        # connections (a real engine restart drops them, and clients must log in again).
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(60)
@@ -159,9 +163,13 @@ class Server(ThreadingHTTPServer):
         except (OSError, ssl.SSLError) as e:
             log.debug("TLS handshake failed client=%s error=%s", client_address[0], e)
             return
+        with self._conns_lock:
+            self._conns.add(tls)
         try:
             self.RequestHandlerClass(tls, client_address, self)  # type: ignore[arg-type]
         finally:
+            with self._conns_lock:
+                self._conns.discard(tls)
             try:
                 tls.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -179,6 +187,13 @@ class Server(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+        with self._conns_lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         if self._thread:
             self._thread.join(5)
 

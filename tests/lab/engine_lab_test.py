@@ -149,3 +149,45 @@ def test_engine_restart_keeps_state(lab: Lab, sdk: Any) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert len(lab.volume_paths(info["disks"][0])) == 2
+
+
+def test_engine_restart_cuts_open_connections(lab: Lab) -> None:
+    """A restart drops keep-alive connections and tokens, as a real engine restart does."""
+    import http.client
+    import ssl
+    from urllib.parse import urlsplit
+
+    ctx = ssl.create_default_context(cafile=str(lab.ca_file))
+    u = urlsplit(lab.url)
+    token = json.loads(_token_request(lab))["access_token"]
+    conn = http.client.HTTPSConnection(u.hostname or "", u.port, context=ctx, timeout=10)
+    conn.request("GET", u.path, headers={"Authorization": f"Bearer {token}", "Version": "4"})
+    r = conn.getresponse()
+    r.read()
+    assert r.status == 200
+    lab.restart_engine(0.5)
+    with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+        conn.request("GET", u.path, headers={"Authorization": f"Bearer {token}", "Version": "4"})
+        conn.getresponse().read()
+    conn.close()
+    fresh = http.client.HTTPSConnection(u.hostname or "", u.port, context=ctx, timeout=10)
+    fresh.request("GET", u.path, headers={"Authorization": f"Bearer {token}", "Version": "4"})
+    r = fresh.getresponse()
+    r.read()
+    fresh.close()
+    assert r.status == 401  # the old token died with the engine
+
+
+def _token_request(lab: Lab) -> str:
+    import ssl
+    import urllib.parse
+    import urllib.request
+
+    base = lab.url.split("/ovirt-engine/")[0]
+    body = urllib.parse.urlencode({"grant_type": "password", "username": lab.user, "password": lab.password,
+                                   "scope": "ovirt-app-api"}).encode()
+    req = urllib.request.Request(f"{base}/ovirt-engine/sso/oauth/token", data=body,
+                                 headers={"Accept": "application/json"})
+    ctx = ssl.create_default_context(cafile=str(lab.ca_file))
+    with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+        return str(resp.read().decode())
