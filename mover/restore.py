@@ -23,7 +23,6 @@ from mover.store.api import Manifest, StoreAPI
 log = logging.getLogger(__name__)
 
 
-
 def restore(
     store: StoreAPI,
     backup_id: str,
@@ -78,11 +77,13 @@ def restore(
             crew.put(tasks, None)
 
     def write() -> None:
+        # One buffer per writer, reused for every run: no allocation (and page faults) per block or task.
+        out = memoryview(bytearray(task_blocks * bs))
         while True:
             task = crew.get(tasks)
             if task is None:
                 return
-            _write_run(store, manifest, sink, backup_id, task[0], task[1], size, progress)
+            _write_run(store, manifest, sink, backup_id, task[0], task[1], size, progress, out)
 
     crew.spawn("restore-plan", plan)
     for n in range(workers):
@@ -109,20 +110,24 @@ def _write_run(
     end: int,
     size: int,
     progress: Progress,
+    out: memoryview,
 ) -> None:
-    """Fetch blocks [first, end) and write them as one run (one pwrite per task, not per block)."""
+    """Fetch blocks [first, end) into ``out`` and write them as one run (one write per task, not per block).
+
+    ``out`` is reused for the next run once ``sink.write`` returns: sinks write synchronously.
+    """
     bs = manifest.block_size
-    parts: list[bytes] = []
-    for i in range(first, end):
-        data = store.read_block(manifest[i])
+    ids = [manifest[i] for i in range(first, end)]
+    lengths = store.read_into(ids, out)
+    for k, got in enumerate(lengths):
+        i = first + k
         want = min(bs, size - i * bs)
-        if len(data) != want:
+        if got != want:
             raise StoreCorrupt(
-                f"block {manifest[i].hex()[:16]} of backup {backup_id} at offset {i * bs} has "
-                f"{len(data)} bytes, expected {want}",
+                f"block {ids[k].hex()[:16]} of backup {backup_id} at offset {i * bs} has "
+                f"{got} bytes, expected {want}",
                 path=store.path,
             )
-        parts.append(data)
-    buf = b"".join(parts)
-    sink.write(first * bs, buf)
-    progress.add(done=len(buf), written=len(buf))
+    total = (end - first - 1) * bs + lengths[-1]  # every block but the disk's last is a full block
+    sink.write(first * bs, out[:total])
+    progress.add(done=total, written=total)

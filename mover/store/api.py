@@ -6,7 +6,7 @@ implements it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -83,6 +83,10 @@ class StoreAPI(Protocol):
 
     def read_block(self, block_id: bytes) -> bytes:
         """Raw (decompressed, verified) content of a block."""
+        ...
+
+    def read_into(self, ids: Sequence[bytes], out: memoryview, verify: bool = True) -> list[int]:
+        """Blocks ``ids`` (decompressed, verified) into ``out``, block k at ``k * block_size``; their lengths."""
         ...
 
     def writer(self) -> BlockWriter: ...
