@@ -11,7 +11,7 @@ import os
 import stat
 
 from mover.errors import SinkError
-from mover.kernels import is_zero
+from mover.kernels import zero_flags
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +70,16 @@ class FileSink:
         """Write ``data`` at ``offset``, skipping 64 KiB pieces that are all zeros (they stay holes)."""
         view = memoryview(data).cast("B")
         n = len(view)
-        pos = 0
-        while pos < n:
-            # Find the next run of non-zero granules and write it in one call.
-            start = pos
-            while start < n and is_zero(view[start : start + HOLE_GRANULE]):
-                start += HOLE_GRANULE
-            if start >= n:
-                return
-            end = start + HOLE_GRANULE
-            while end < n and not is_zero(view[end : end + HOLE_GRANULE]):
-                end += HOLE_GRANULE
-            end = min(end, n)
-            self._pwrite(offset + start, view[start:end])
-            pos = end
+        # One GIL-free pass flags every granule; runs of non-zero granules are then one pwrite each.
+        flags = zero_flags(view, HOLE_GRANULE)
+        count = len(flags)
+        i = flags.find(0)
+        while 0 <= i < count:
+            j = flags.find(1, i)
+            if j < 0:
+                j = count
+            self._pwrite(offset + i * HOLE_GRANULE, view[i * HOLE_GRANULE : min(j * HOLE_GRANULE, n)])
+            i = flags.find(0, j)
 
     def _pwrite(self, offset: int, view: memoryview) -> None:
         done = 0
