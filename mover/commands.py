@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from typing import Any
 
@@ -112,5 +113,11 @@ def run(args: argparse.Namespace) -> int:
         await worker.run(stop)
 
     asyncio.run(main())
-    log.info("Mover stopped jobs=%d", worker.done)
+    log.info("Mover stopped jobs=%d abandoned=%d", worker.done, worker.abandoned)
+    if worker.abandoned:
+        # A job thread stuck in a blocking read is still running (its job was handed back): leave now rather
+        # than let interpreter shutdown race a live daemon thread. Its unpublished writes are garbage for
+        # prune, as after a kill; the store's locks are flocks the kernel drops with the process.
+        logging.shutdown()
+        os._exit(0)
     return 0

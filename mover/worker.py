@@ -43,8 +43,15 @@ T = TypeVar("T")
 # not to hammer one that is down; max_deliver bounds the total.
 BACKOFF_BASE = 1.0
 BACKOFF_MAX = 60.0
-# How long one fetch waits for a job before the loop checks whether it should stop.
+# How long one fetch waits for a job before it asks again (a stop does not wait for it: the fetch is cancelled).
 FETCH_TIMEOUT = 2.0
+# On a stop (SIGTERM), how long a running job gets to notice the cancel and end by itself (the pipeline polls
+# every 0.1 s) before its message is nak'ed anyway and the mover exits without waiting for it: a reader
+# blocked on a hung host would otherwise hold the exit for its whole I/O timeout (60 s).
+STOP_GRACE = 1.0
+# While stopping, how long NATS calls (result, ack) are retried: an unanswered job is redelivered and finds
+# its result or its backup, so a mover asked to stop does not wait long for a NATS that is away.
+STOP_NATS_WAIT = 2.0
 
 
 @dataclass
@@ -246,6 +253,7 @@ class Worker:
         self.cancel = threading.Event()
         self.stop = asyncio.Event()
         self.done = 0  # jobs finished (any outcome), for tests and logs
+        self.abandoned = 0  # job threads still running when their job was handed back at a stop
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         if stop is not None:
@@ -261,26 +269,53 @@ class Worker:
             log.info("Mover ready name=%s subjects=%s slots=%d", self.options.name, self.options.subjects(),
                      self.options.slots)  # fmt: skip
             await self.stop.wait()
+            log.info("Mover stopping name=%s", self.options.name)
             self.cancel.set()  # running jobs stop; their messages are nak'ed for another mover
+            # Slots end within STOP_GRACE plus one nak: fetches are cancelled, jobs handed back (see _run).
             await asyncio.gather(*slots, return_exceptions=True)
         finally:
             await self.bus.close()
 
     async def _slot(self, sub: Any, subject: str, n: int) -> None:
-        while not self.stop.is_set():
-            try:
-                msgs = await sub.fetch(1, timeout=FETCH_TIMEOUT)
-            except (nats.errors.TimeoutError, TimeoutError):
-                continue
-            except Exception as e:  # disconnected, consumer gone during a NATS restart: wait and retry
-                log.debug("Fetch failed subject=%s slot=%d error=%r", subject, n, e)
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
-                try:
-                    await self.handle(msg)
-                except Exception:  # never let one job kill the slot; the job is redelivered after ack_wait
-                    log.exception("Job handling failed subject=%s", subject)
+        stopped: asyncio.Future[Any] = asyncio.ensure_future(self.stop.wait())
+        try:
+            while not self.stop.is_set():
+                msgs = await self._fetch(sub, stopped, subject, n)
+                for i, msg in enumerate(msgs):
+                    if self.stop.is_set():
+                        # Fetched as the stop came: hand back at once rather than start it and cancel it.
+                        for m in msgs[i:]:
+                            with contextlib.suppress(Exception):
+                                await m.nak()
+                        break
+                    try:
+                        await self.handle(msg)
+                    except Exception:  # never let one job kill the slot; the job is redelivered after ack_wait
+                        log.exception("Job handling failed subject=%s", subject)
+        finally:
+            stopped.cancel()
+
+    async def _fetch(self, sub: Any, stopped: asyncio.Future[Any], subject: str, n: int) -> list[Msg]:
+        """One job from the pull consumer, or none on a timeout, an error or a stop (which does not wait).
+
+        A fetch cancelled by a stop leaves its pull request on the server until it expires; a job the server
+        sends to it then goes unacknowledged and is redelivered after ack_wait, as for a mover that died.
+        """
+        fetch = asyncio.ensure_future(sub.fetch(1, timeout=FETCH_TIMEOUT))
+        await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not fetch.done():
+            fetch.cancel()
+            with contextlib.suppress(BaseException):
+                await fetch
+            return []
+        try:
+            return list(fetch.result())
+        except (nats.errors.TimeoutError, TimeoutError):
+            return []
+        except Exception as e:  # disconnected, consumer gone during a NATS restart: wait and retry
+            log.debug("Fetch failed subject=%s slot=%d error=%r", subject, n, e)
+            await asyncio.wait({stopped}, timeout=0.5)
+            return []
 
     async def handle(self, msg: Msg) -> None:
         """Run one delivered job to its end: ack, nak or term (never leaves it unanswered)."""
@@ -345,11 +380,54 @@ class Worker:
         progress = Progress(listener=on_progress, interval=min(0.5, self.options.progress_interval))
         beat = asyncio.create_task(self._heartbeat(msg))
         try:
-            return await asyncio.to_thread(run_job, job, self.options, progress, self.cancel)
+            return await self._in_thread(job, progress)
         finally:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
+
+    async def _in_thread(self, job: jobs.AnyJob, progress: Progress) -> jobs.JobResult:
+        """Run the job in a daemon thread; on a stop, wait STOP_GRACE for it, then raise ``Cancelled``.
+
+        Not ``asyncio.to_thread``: the default executor's threads are joined when the loop and the
+        interpreter shut down, so a job stuck in a blocking read would hold the exit. A thread left behind
+        here dies with the process; what it wrote is unpublished, as after a kill (the store's rule).
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[jobs.JobResult] = loop.create_future()
+
+        def settle(result: jobs.JobResult | None, error: BaseException | None) -> None:
+            if done.done():
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)  # type: ignore[arg-type]
+
+        def work() -> None:
+            result: jobs.JobResult | None = None
+            error: BaseException | None = None
+            try:
+                result = run_job(job, self.options, progress, self.cancel)
+            except BaseException as e:
+                error = e
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the job was handed back already
+                loop.call_soon_threadsafe(settle, result, error)
+
+        threading.Thread(target=work, name=f"job-{job.job_id}", daemon=True).start()
+        stopped: asyncio.Future[Any] = asyncio.ensure_future(self.stop.wait())
+        either: set[asyncio.Future[Any]] = {done, stopped}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not done.done():
+                await asyncio.wait({done}, timeout=STOP_GRACE)
+            if not done.done():
+                self.abandoned += 1
+                done.cancel()  # its late result, if any, is dropped by settle
+                raise Cancelled(f"mover stopping, job still running after {STOP_GRACE:.0f}s")
+            return done.result()
+        finally:
+            stopped.cancel()
 
     async def _progress(self, p: jobs.JobProgress) -> None:
         with contextlib.suppress(Exception):
@@ -402,7 +480,7 @@ class Worker:
                     raise
                 if self.stop.is_set() and deadline is None:
                     # Shutting down: wait a little for NATS, not forever (an unanswered job is redelivered).
-                    deadline = time.monotonic() + 10.0
+                    deadline = time.monotonic() + STOP_NATS_WAIT
                 if deadline is not None and time.monotonic() + delay > deadline:
                     log.warning("NATS %s failed, giving up: %r", what, e)
                     return None
