@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import imageio_client
-from bench.imageio_plane import FerryPlane
+from bench.imageio_plane import FerryPlane, cpu_seconds, pids_of
 from bench.measure import BenchError, warm
 from lab import images
 from mover.errors import FerryError
@@ -61,7 +61,28 @@ def disk_spec(size: int, fill: float, seed: int) -> dict[str, Any]:
     return {"size": size, "format": "cow", "sparse": True, "fill": fill, "seed": seed, "backup": "incremental"}
 
 
-def _backup(plane: FerryPlane, vm: str, kind: str) -> dict[str, Any]:
+class Cpu:
+    """CPU seconds spent during a step: by the client (this process and its reaped children, e.g. the client's
+    qemu-nbd), by Ferry (movers, control plane, and the ``ferry`` command, a child of this process), and by
+    the lab's imageio daemons serving the data (the hypervisor's work, on the same cores here)."""
+
+    def __init__(self, plane: FerryPlane, lab_dir: Path) -> None:
+        self.plane = plane
+        self.servers = pids_of("ovirt-imageio", f"{lab_dir}/")
+
+    def now(self) -> dict[str, float]:
+        t = os.times()
+        return {"local": t.user + t.system + t.children_user + t.children_system, "ferry": self.plane.cpu(),
+                "server": cpu_seconds(self.servers)}
+
+    def since(self, before: dict[str, float], ferry: bool) -> dict[str, float]:
+        after = self.now()
+        d = {k: after[k] - before[k] for k in after}
+        return {"cpu": round(d["local"] + (d["ferry"] if ferry else 0.0), 2), "server_cpu": round(d["server"], 2)}
+
+
+def _backup(plane: FerryPlane, cpu: Cpu, vm: str, kind: str) -> dict[str, Any]:
+    before = cpu.now()
     secs, out = plane.timed_json("backup", vm, "--mode", "imageio", "--type", kind)
     (b,) = out
     if b["state"] != "succeeded":
@@ -70,7 +91,7 @@ def _backup(plane: FerryPlane, vm: str, kind: str) -> dict[str, Any]:
     return {"id": b["id"], "seconds": round(secs, 3), "kinds": [d["kind"] for d in b["disks"]],
             "disk_seconds": round(max(float(s.get("seconds", 0)) for s in disks), 3),
             "read": sum(int(s.get("read", 0)) for s in disks), "stored": sum(int(s.get("stored", 0)) for s in disks),
-            "movers": sorted({str(s.get("mover", "")) for s in disks})}
+            "movers": sorted({str(s.get("mover", "")) for s in disks}), **cpu.since(before, ferry=True)}
 
 
 def run(size: int, fill: float, work: Path) -> dict[str, Any]:
@@ -90,35 +111,43 @@ def run(size: int, fill: float, work: Path) -> dict[str, Any]:
         for path in lab.volume_paths(disk):
             warm(path)
         plane.start_movers(1)
+        cpu = Cpu(plane, work / "lab")
 
         print("bench-imageio: full (client download, then ferry backup)", file=sys.stderr)
         raw = work / "client-download.raw"
+        before = cpu.now()
         dl = imageio_client.download(sdk, lab.ca_file, disk, raw)
-        full = _backup(plane, "bench-a", "full")
-        res["full"] = {"client": {"seconds": round(dl.seconds, 3), "data_seconds": round(dl.data_seconds, 3)},
+        dl_cpu = cpu.since(before, ferry=False)
+        full = _backup(plane, cpu, "bench-a", "full")
+        res["full"] = {"client": {"seconds": round(dl.seconds, 3), "data_seconds": round(dl.data_seconds, 3),
+                                  **dl_cpu},
                        "ferry": full, "ratio": round(full["seconds"] / dl.seconds, 3),
                        "ratio_data": round(full["disk_seconds"] / dl.data_seconds, 3)}
 
         print(f"bench-imageio: incremental after a {CHANGE_PERCENT}% guest write", file=sys.stderr)
         changed = lab.write(vm["id"], disk=0, percent=CHANGE_PERCENT, seed=5)
-        incr = _backup(plane, "bench-a", "incremental")
+        incr = _backup(plane, cpu, "bench-a", "incremental")
         res["incremental"] = {"ferry": incr, "dirty_bytes": sum(int(e["length"]) for e in changed),
                               "ratio": round(incr["seconds"] / full["seconds"], 3),
                               "ratio_data": round(incr["disk_seconds"] / max(full["disk_seconds"], 1e-9), 3)}
 
         print("bench-imageio: restore (client upload, then ferry restore)", file=sys.stderr)
+        before = cpu.now()
         up = imageio_client.upload(sdk, lab.ca_file, raw, disk, "bench-a-upload")
+        up_cpu = cpu.since(before, ferry=False)
+        before = cpu.now()
         secs, out = plane.timed_json("restore", full["id"], "--disk", disk)
+        rst_cpu = cpu.since(before, ferry=True)
         if out.get("state") != "succeeded":
             raise BenchError(f"restore {out.get('state')}: {out.get('error')}")
         new = plane.restored_disks(out["restore_id"])[disk]
         res["restore"] = {
             "client": {"seconds": round(up.seconds, 3), "data_seconds": round(up.data_seconds, 3),
-                       "identical": same(raw, lab.volume_paths(up.disk_id)[-1])},
-            "ferry": {"seconds": round(secs, 3), "identical": same(raw, lab.volume_paths(new)[-1])},
+                       "identical": same(raw, lab.volume_paths(up.disk_id)[-1]), **up_cpu},
+            "ferry": {"seconds": round(secs, 3), "identical": same(raw, lab.volume_paths(new)[-1]), **rst_cpu},
             "ratio": round(secs / up.seconds, 3)}
 
-        res["scale_out"] = scale_out(lab, plane, size, fill, work)
+        res["scale_out"] = scale_out(lab, plane, cpu, size, fill, work)
         res["targets"] = targets(res)
         return res
     finally:
@@ -129,7 +158,7 @@ def run(size: int, fill: float, work: Path) -> dict[str, Any]:
         labclient.down(work / "lab")
 
 
-def scale_out(lab: Any, plane: FerryPlane, size: int, fill: float, work: Path) -> dict[str, Any]:
+def scale_out(lab: Any, plane: FerryPlane, cpu: Cpu, size: int, fill: float, work: Path) -> dict[str, Any]:
     """Two disks backed up full by one limited mover, then by two; each run into its own fresh store."""
     print("bench-imageio: scale-out (VM with two disks; one mover, then two, --workers 1 --threads 1)",
           file=sys.stderr)
@@ -142,7 +171,7 @@ def scale_out(lab: Any, plane: FerryPlane, size: int, fill: float, work: Path) -
     for n in (1, 2):
         plane.stop_movers()
         plane.start_movers(n, "--workers", "1", "--threads", "1", store=work / f"store-scale-{n}")
-        out[f"movers_{n}"] = _backup(plane, "bench-b", "full")
+        out[f"movers_{n}"] = _backup(plane, cpu, "bench-b", "full")
     plane.stop_movers()
     out["speedup"] = round(out["movers_1"]["seconds"] / out["movers_2"]["seconds"], 3)
     return out
@@ -163,25 +192,28 @@ def render(res: dict[str, Any]) -> str:
     """The table of times and ratios, then the targets."""
     f, i, r, s = res["full"], res["incremental"], res["restore"], res["scale_out"]
     mib = lambda n: f"{n / MIB:.1f}"  # noqa: E731
+    def row(label: str, step: dict[str, Any], data: float | None, rd: str, st: str, note: str) -> list[str]:
+        return [label, f"{step['seconds']:.2f}", "" if data is None else f"{data:.2f}",
+                f"{step.get('cpu', 0):.1f}", f"{step.get('server_cpu', 0):.1f}", rd, st, note]
+
+    def same_word(step: dict[str, Any]) -> str:
+        return "identical" if step["identical"] else "DIFFERENT"
+
+    fc, ff, ic, rc, rf = f["client"], f["ferry"], i["ferry"], r["client"], r["ferry"]
+    s1, s2 = s["movers_1"], s["movers_2"]
     rows = [
-        ["full: client download (raw)", f"{f['client']['seconds']:.2f}", f"{f['client']['data_seconds']:.2f}",
-         "", "", ""],
-        ["full: ferry backup", f"{f['ferry']['seconds']:.2f}", f"{f['ferry']['disk_seconds']:.2f}",
-         mib(f["ferry"]["read"]), mib(f["ferry"]["stored"]), f"{f['ratio']:.2f}x client"],
-        [f"incremental ({CHANGE_PERCENT:g}% written)", f"{i['ferry']['seconds']:.2f}",
-         f"{i['ferry']['disk_seconds']:.2f}", mib(i["ferry"]["read"]), mib(i["ferry"]["stored"]),
-         f"{i['ratio']:.3f}x full"],
-        ["restore: client upload", f"{r['client']['seconds']:.2f}", f"{r['client']['data_seconds']:.2f}", "", "",
-         "identical" if r["client"]["identical"] else "DIFFERENT"],
-        ["restore: ferry restore --disk", f"{r['ferry']['seconds']:.2f}", "", "", "",
-         f"{r['ratio']:.2f}x client, " + ("identical" if r["ferry"]["identical"] else "DIFFERENT")],
-        ["scale-out: 2 disks, 1 mover", f"{s['movers_1']['seconds']:.2f}", f"{s['movers_1']['disk_seconds']:.2f}",
-         mib(s["movers_1"]["read"]), mib(s["movers_1"]["stored"]), ""],
-        ["scale-out: 2 disks, 2 movers", f"{s['movers_2']['seconds']:.2f}", f"{s['movers_2']['disk_seconds']:.2f}",
-         mib(s["movers_2"]["read"]), mib(s["movers_2"]["stored"]),
-         f"{s['speedup']:.2f}x faster, {len(s['movers_2']['movers'])} movers used"],
+        row("full: client download (raw)", fc, fc["data_seconds"], "", "", ""),
+        row("full: ferry backup", ff, ff["disk_seconds"], mib(ff["read"]), mib(ff["stored"]),
+            f"{f['ratio']:.2f}x client"),
+        row(f"incremental ({CHANGE_PERCENT:g}% written)", ic, ic["disk_seconds"], mib(ic["read"]),
+            mib(ic["stored"]), f"{i['ratio']:.3f}x full"),
+        row("restore: client upload", rc, rc["data_seconds"], "", "", same_word(rc)),
+        row("restore: ferry restore --disk", rf, None, "", "", f"{r['ratio']:.2f}x client, {same_word(rf)}"),
+        row("scale-out: 2 disks, 1 mover", s1, s1["disk_seconds"], mib(s1["read"]), mib(s1["stored"]), ""),
+        row("scale-out: 2 disks, 2 movers", s2, s2["disk_seconds"], mib(s2["read"]), mib(s2["stored"]),
+            f"{s['speedup']:.2f}x faster, {len(s2['movers'])} movers used"),
     ]
-    head = ["step", "time s", "data s", "read MiB", "stored MiB", "ratio / result"]
+    head = ["step", "time s", "data s", "cpu s", "server cpu s", "read MiB", "stored MiB", "ratio / result"]
     widths = [max(len(h), *(len(row[k]) for row in rows)) for k, h in enumerate(head)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
@@ -189,8 +221,9 @@ def render(res: dict[str, Any]) -> str:
     for t in res["targets"]:
         lines.append(f"  {t['figure']:<32} {t['value']:>7.3f}  target {t['target']:<7} "
                      f"{'met' if t['met'] else 'MISSED'}")
-    lines.append("\ntime s: the whole step (engine calls included); data s: the client call alone, or the "
-                 "slowest disk job of the mover(s)")
+    lines.append("\ntime s: the whole step (engine calls included); data s: the client call alone, or the slowest "
+                 "disk job of the mover(s);\ncpu s: CPU of the client, or of Ferry (movers, control plane, CLI); "
+                 "server cpu s: CPU of the imageio daemons serving it")
     return "\n".join(lines)
 
 

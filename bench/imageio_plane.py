@@ -83,6 +83,10 @@ class FerryPlane:
                     raise BenchError("mover did not come up: " + self.tail(log))
                 time.sleep(0.05)
 
+    def cpu(self) -> float:
+        """CPU seconds used so far by the running movers and the control plane (with their reaped children)."""
+        return cpu_seconds([p.pid for p in [*self.movers, *([self.control] if self.control else [])]])
+
     def stop_movers(self) -> None:
         _stop(self.movers)
         self.movers = []
@@ -129,6 +133,36 @@ class FerryPlane:
         self.movers = []
         self.control = None
         self.nats.stop()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of processes (and their waited-for children) from ``/proc/PID/stat``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone: its time is lost, as it would be for any exited process we did not reap
+        # fields[0] is the state (field 3); utime, stime, cutime, cstime are fields 14-17
+        total += sum(int(x) for x in fields[11:15])
+    return total / tick
+
+
+def pids_of(*needles: str) -> list[int]:
+    """Processes whose command line contains every one of ``needles``."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if all(n in cmd for n in needles):
+            out.append(int(d.name))
+    return out
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:

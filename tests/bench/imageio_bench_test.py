@@ -59,6 +59,10 @@ def test_every_figure(bench_run: tuple[str, dict[str, Any], Path]) -> None:
     assert so["movers_1"]["stored"] > 0 and so["movers_2"]["stored"] > 0  # fresh stores: nothing deduplicated
     assert so["speedup"] > 0
 
+    # CPU of each side and of the imageio daemons serving it, per step.
+    for step in (full["client"], full["ferry"], rst["client"], rst["ferry"], so["movers_1"], so["movers_2"]):
+        assert step["cpu"] > 0 and step["server_cpu"] > 0, step
+
     assert [t["figure"] for t in doc["targets"]] == [t[0] for t in imageio_bench.TARGETS]
     assert all(isinstance(t["met"], bool) for t in doc["targets"])
     assert doc["machine"]["cores"] and len(doc["machine"]["loadavg_end"]) == 3
