@@ -61,7 +61,10 @@ class FileSink:
     def truncate(self, size: int) -> None:
         """Make the file a ``size``-byte hole: old content is dropped, so zeros need no writes."""
         try:
-            os.ftruncate(self._fd, 0)
+            # Only a file with content is cut to 0 first: on ext4 a truncate to 0 marks the file for
+            # "replace via truncate" (auto_da_alloc), so close() would start writing it all back and wait.
+            if os.fstat(self._fd).st_size:
+                os.ftruncate(self._fd, 0)
             os.ftruncate(self._fd, size)
         except OSError as e:
             raise _oserror(self._path, "truncate", e) from None
