@@ -163,12 +163,13 @@ def test_shallow_qcow2_layer_over_imageio(store: StoreAPI, tmp_path: Path, daemo
     finally:
         nbd.close()
 
-    # The snapshot's new layer: one data cluster and one zeroed cluster inside blocks of base data, and a
-    # data cluster inside a block that is zero in the base.
+    # The snapshot's new layer: a data cluster and a zeroed cluster in a block of base data, a block of base
+    # data whose only change is a zeroed cluster (dirty zeros: read, not taken from the base), and a data
+    # cluster in a block that is zero in the base.
     layer = tmp_path / "layer.qcow2"
     qemu_img("create", "-f", "qcow2", "-b", str(disk), "-F", "qcow2", str(layer))
     qemu_io(layer, "qcow2", f"write -P 0x66 {BS + CL} {CL}", f"write -z {BS + 3 * CL} {CL}",
-            f"write -P 0x67 {2 * MiB + 2 * CL} {CL}")  # fmt: skip
+            f"write -z {3 * BS + CL} {CL}", f"write -P 0x67 {2 * MiB + 2 * CL} {CL}")  # fmt: skip
     image = json.dumps({"driver": "qcow2", "backing": None, "file": {"driver": "file", "filename": str(layer)}})
     nbd = QemuNbd("json:" + image, tmp_path / "layer.sock", fmt=None, allocation_depth=True)
     try:
@@ -180,6 +181,6 @@ def test_shallow_qcow2_layer_over_imageio(store: StoreAPI, tmp_path: Path, daemo
             src.close()
     finally:
         nbd.close()
-    assert inc.stats["read"] == 2 * BS  # the two blocks the layer touches
+    assert inc.stats["read"] == 3 * BS  # the three blocks the layer touches
     out = restored(store, inc.id, tmp_path / "out.img")
     assert out == raw_content(layer)  # the whole chain: base under the layer
