@@ -9,6 +9,7 @@ daemon over qemu-nbd serving a qcow2 layer without its backing file, as vdsm ser
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import sys
@@ -17,12 +18,14 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
 from imageio_env import ImageioDaemon, QemuNbd, make_image, qemu_img, qemu_io, raw_content
 
 from mover.kernels import ZERO_ID
-from mover.pipeline import _dirty_runs, backup
+from mover.pipeline import _clean, _dirty_runs, _touched, backup
 from mover.restore import restore
 from mover.sinks.file import FileSink
 from mover.sources.base import Extent
@@ -79,6 +82,40 @@ def test_dirty_runs_marks_partial_blocks() -> None:
     # Two dirty extents that together cover a block (data then zeros) leave it whole.
     both = [Extent(0, CL, dirty=True), Extent(CL, BS - CL, dirty=True, zero=True), Extent(BS, BS, dirty=False)]
     assert list(_dirty_runs(iter(both), BS, 2 * BS)) == [(0, 1, {})]
+
+
+@given(
+    bs=st.sampled_from([4096, 65536]),
+    cuts=st.lists(st.integers(min_value=1, max_value=200_000), min_size=1, max_size=12),
+    flags=st.lists(st.booleans(), min_size=12, max_size=12),
+)
+def test_dirty_runs_match_reference(bs: int, cuts: list[int], flags: list[bool]) -> None:
+    """Same runs as ``_touched``; the partial map is exactly each touched block's dirty bytes when not all."""
+    pos = 0
+    extents = []
+    for length, dirty in zip(cuts, flags, strict=False):
+        extents.append(Extent(pos, length, dirty=dirty))
+        pos += length
+    size = pos
+    mask = bytearray(size)  # 1 where dirty: the reference, byte by byte
+    for e in extents:
+        if e.dirty:
+            mask[e.start : e.end] = b"\1" * e.length
+    got = list(_dirty_runs(iter(extents), bs, size))
+    assert [(f, e) for f, e, _ in got] == list(_touched(iter(extents), bs, lambda e: e.dirty))
+    for first, end, partial in got:
+        for idx in range(first, end):
+            block = mask[idx * bs : (idx + 1) * bs]
+            if all(block):
+                assert idx not in partial
+                continue
+            parts = partial[idx]
+            covered = bytearray(len(block))
+            for lo, hi in parts:
+                covered[lo:hi] = b"\1" * (hi - lo)
+            assert covered == block
+            assert all(a[1] < b[0] for a, b in itertools.pairwise(parts))  # merged, in order
+            assert sum(hi - lo for lo, hi in _clean(parts, len(block))) == block.count(0)
 
 
 def test_changed_takes_clean_ranges_from_base(store: StoreAPI, tmp_path: Path) -> None:
