@@ -83,7 +83,7 @@ class Cpu:
 
 def _backup(plane: FerryPlane, cpu: Cpu, vm: str, kind: str) -> dict[str, Any]:
     before = cpu.now()
-    secs, out = plane.timed_json("backup", vm, "--mode", "imageio", "--type", kind)
+    secs, out, span = plane.timed_json("backup", vm, "--mode", "imageio", "--type", kind)
     (b,) = out
     if b["state"] != "succeeded":
         raise BenchError(f"backup of {vm} ({kind}) {b['state']}: {b.get('error')}")
@@ -91,7 +91,8 @@ def _backup(plane: FerryPlane, cpu: Cpu, vm: str, kind: str) -> dict[str, Any]:
     return {"id": b["id"], "seconds": round(secs, 3), "kinds": [d["kind"] for d in b["disks"]],
             "disk_seconds": round(max(float(s.get("seconds", 0)) for s in disks), 3),
             "read": sum(int(s.get("read", 0)) for s in disks), "stored": sum(int(s.get("stored", 0)) for s in disks),
-            "movers": sorted({str(s.get("mover", "")) for s in disks}), **cpu.since(before, ferry=True)}
+            "movers": sorted({str(s.get("mover", "")) for s in disks}), **cpu.since(before, ferry=True),
+            "phases": plane.phases(b["id"], span)}
 
 
 def run(size: int, fill: float, work: Path) -> dict[str, Any]:
@@ -136,7 +137,7 @@ def run(size: int, fill: float, work: Path) -> dict[str, Any]:
         up = imageio_client.upload(sdk, lab.ca_file, raw, disk, "bench-a-upload")
         up_cpu = cpu.since(before, ferry=False)
         before = cpu.now()
-        secs, out = plane.timed_json("restore", full["id"], "--disk", disk)
+        secs, out, span = plane.timed_json("restore", full["id"], "--disk", disk)
         rst_cpu = cpu.since(before, ferry=True)
         if out.get("state") != "succeeded":
             raise BenchError(f"restore {out.get('state')}: {out.get('error')}")
@@ -144,7 +145,8 @@ def run(size: int, fill: float, work: Path) -> dict[str, Any]:
         res["restore"] = {
             "client": {"seconds": round(up.seconds, 3), "data_seconds": round(up.data_seconds, 3),
                        "identical": same(raw, lab.volume_paths(up.disk_id)[-1]), **up_cpu},
-            "ferry": {"seconds": round(secs, 3), "identical": same(raw, lab.volume_paths(new)[-1]), **rst_cpu},
+            "ferry": {"seconds": round(secs, 3), "identical": same(raw, lab.volume_paths(new)[-1]), **rst_cpu,
+                      "phases": plane.phases(out["restore_id"], span)},
             "ratio": round(secs / up.seconds, 3)}
 
         res["scale_out"] = scale_out(lab, plane, cpu, size, fill, work)
@@ -217,6 +219,10 @@ def render(res: dict[str, Any]) -> str:
     widths = [max(len(h), *(len(row[k]) for row in rows)) for k, h in enumerate(head)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.append("\nwhere Ferry's time goes (s per control-plane state; exporting/uploading = the data):")
+    for label, step in (("full", ff), ("incremental", ic), ("restore", rf), ("scale-out 1", s1), ("scale-out 2", s2)):
+        if step.get("phases"):
+            lines.append(f"  {label:<12} " + ", ".join(f"{k} {v:.2f}" for k, v in step["phases"].items()))
     lines.append("\ntargets:")
     for t in res["targets"]:
         lines.append(f"  {t['figure']:<32} {t['value']:>7.3f}  target {t['target']:<7} "

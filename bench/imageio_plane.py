@@ -104,11 +104,33 @@ class FerryPlane:
                              f"{(r.stderr.strip().splitlines() or [''])[-1]}")
         return r
 
-    def timed_json(self, *args: str) -> tuple[float, Any]:
-        """Wall time of ``ferry ARGS --json`` (the whole command, as an administrator waits for it), and its output."""
-        t0 = time.perf_counter()
+    def timed_json(self, *args: str) -> tuple[float, Any, tuple[float, float]]:
+        """Wall time of ``ferry ARGS --json`` (the whole command, as an administrator waits for it), its output,
+        and its (start, end) epoch times (for ``phases``)."""
+        t0, w0 = time.perf_counter(), time.time()
         r = self.ferry(*args, "--json")
-        return time.perf_counter() - t0, json.loads(r.stdout)
+        return time.perf_counter() - t0, json.loads(r.stdout), (w0, time.time())
+
+    def phases(self, flow_id: str, span: tuple[float, float]) -> dict[str, float]:
+        """Where a flow's wall time went: seconds in each state the control plane logged for it, plus the
+        command's start-up and trigger before the first state ("cli+trigger") and its exit after the last."""
+        marks: list[tuple[float, str]] = []
+        for line in (self.base / "control.log").read_text(errors="replace").splitlines():
+            if f"state id={flow_id} state=" not in line:
+                continue
+            stamp, _, _ = line.partition(" INFO ")
+            try:
+                t = time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S")) + int(stamp[20:23]) / 1000
+            except ValueError:
+                continue
+            marks.append((t, line.rsplit("state=", 1)[1].strip()))
+        if not marks:
+            return {}
+        out = {"cli+trigger": round(marks[0][0] - span[0], 3)}
+        for (t, state), (t_next, _) in zip(marks, [*marks[1:], (span[1], "")], strict=True):
+            key = "cli exit" if state in ("succeeded", "failed") else state
+            out[key] = round(out.get(key, 0.0) + t_next - t, 3)
+        return out
 
     def restored_disks(self, restore_id: str) -> dict[str, str]:
         """Original disk id -> new disk id of a finished restore (from the catalog)."""

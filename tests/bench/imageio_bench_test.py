@@ -63,6 +63,12 @@ def test_every_figure(bench_run: tuple[str, dict[str, Any], Path]) -> None:
     for step in (full["client"], full["ferry"], rst["client"], rst["ferry"], so["movers_1"], so["movers_2"]):
         assert step["cpu"] > 0 and step["server_cpu"] > 0, step
 
+    # Where Ferry's time went, from the control plane's log: the data phase and the overheads around it.
+    for step in (full["ferry"], incr["ferry"], so["movers_2"]):
+        assert {"cli+trigger", "preparing", "exporting", "finalizing", "cli exit"} <= set(step["phases"])
+        assert sum(step["phases"].values()) == pytest.approx(step["seconds"], abs=0.5)
+    assert rst["ferry"]["phases"]["uploading"] > 0
+
     assert [t["figure"] for t in doc["targets"]] == [t[0] for t in imageio_bench.TARGETS]
     assert all(isinstance(t["met"], bool) for t in doc["targets"])
     assert doc["machine"]["cores"] and len(doc["machine"]["loadavg_end"]) == 3
@@ -78,7 +84,7 @@ def test_table(bench_run: tuple[str, dict[str, Any], Path]) -> None:
     out, _, _ = bench_run
     for label in ("full: client download (raw)", "full: ferry backup", "incremental (1% written)",
                   "restore: client upload", "restore: ferry restore --disk", "scale-out: 2 disks, 1 mover",
-                  "scale-out: 2 disks, 2 movers", "targets:"):
+                  "scale-out: 2 disks, 2 movers", "where Ferry's time goes", "targets:"):
         assert label in out, label
     for name, _, _ in imageio_bench.TARGETS:
         line = next(line for line in out.splitlines() if line.strip().startswith(name))
