@@ -11,6 +11,8 @@ Delivery rules (the job API is in ``mover.jobs``):
   the job id), is acknowledged (and its result re-published) without doing the work again.
 NATS going away in the middle of a job does not stop the job: the client reconnects, heartbeats resume,
 and publishing the result and the ack are retried until they go through.
+A stop (SIGTERM) does not wait for anything slow: fetches are cancelled, running jobs get ``STOP_GRACE`` to
+end and are then ``nak()``ed for another mover, their threads (daemon threads) left to die with the process.
 """
 
 from __future__ import annotations
