@@ -1,8 +1,10 @@
 """Restore a backup to a sink: blocks fetched and written by several threads, zeros as holes.
 
 Every manifest is full, so a restore reads one manifest and its blocks, whatever chain of incrementals led
-to it. Zero entries become ``sink.zero`` calls (nothing for a fresh file or disk); data blocks are read
-from the store (decompressed and verified there) and written with positional writes, in any order.
+to it. Zero entries become ``sink.zero`` calls (nothing for a fresh file or disk); runs of data blocks are
+read by ``store.read_into`` (batched: checksums, one GIL-free decompression call, keyed re-hash of every
+block; docs/pipeline.md, "What restore verifies") into a buffer each writer thread reuses, and written with
+positional writes, in any order.
 """
 
 from __future__ import annotations

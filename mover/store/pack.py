@@ -129,13 +129,14 @@ def read_record(fd: int, offset: int, stored_len: int, path: str, root: str) -> 
     return block_id, raw_len, flags, data
 
 
-def check_record(buf: bytes | bytearray | memoryview, at: int, block_id: bytes, stored_len: int, raw_len: int) -> int:
-    """The flags of the record at ``buf[at:]`` if it is block ``block_id`` with these lengths and its checksum
-    holds, else -1 (what ``read_record`` and ``Store.read_entry`` check, on a record already in memory)."""
-    bid, slen, rlen, flags, crc = RECORD.unpack_from(buf, at)
+def check_record(buf: bytes | bytearray | memoryview, at: int, block_id: bytes, stored_len: int, raw_len: int,
+                 crc: bool = True) -> int:
+    """The flags of the record at ``buf[at:]`` if it is block ``block_id`` with these lengths and (with
+    ``crc``) its checksum holds, else -1 (what ``read_record`` checks, on a record already in memory)."""
+    bid, slen, rlen, flags, want = RECORD.unpack_from(buf, at)
     if bid != block_id or slen != stored_len or rlen != raw_len:
         return -1
-    if checksum(memoryview(buf)[at + RECORD.size : at + RECORD.size + stored_len]) != crc:
+    if crc and checksum(memoryview(buf)[at + RECORD.size : at + RECORD.size + stored_len]) != want:
         return -1
     return int(flags)
 

@@ -206,7 +206,7 @@ class Store:
         """Read the blocks ``ids`` into ``out``, block ``k`` at ``k * block_size``; return their raw lengths.
 
         The fast path of restore: records sorted by pack and offset, adjacent ones read with one ``preadv``
-        into a reused per-thread buffer, checked (header and xxh32, as ``read_entry``), decompressed by one
+        into a reused per-thread buffer, checked (header; xxh32 only without ``verify``), decompressed by one
         GIL-free ``unpack_records`` call straight into ``out`` and, with ``verify``, re-hashed with the store
         key. A block that fails any step is read again by ``read_block`` (other copies, index re-listed), so
         errors and fallbacks are exactly those of ``read_block``. ``out`` must hold ``len(ids)`` blocks.
@@ -244,7 +244,11 @@ class Store:
                 pos = at
                 for _, _, k in entries[i:j]:
                     e = found[k]
-                    flags = pack.check_record(scratch, pos, e.id, e.stored_len, e.raw_len)
+                    # With the keyed re-hash to come, the xxh32 adds nothing (any change to the stored bytes
+                    # that survives decompression changes the data, and the hash sees it) and costs a pass
+                    # over the stored bytes with the GIL held: it is checked without ``verify`` only. A
+                    # block failing the hash is read again by read_entry, which names the failed check.
+                    flags = pack.check_record(scratch, pos, e.id, e.stored_len, e.raw_len, crc=not verify)
                     if flags >= 0:
                         plan.extend((pos + RECORD_SIZE, e.stored_len, k * bs, e.raw_len, flags))
                     else:

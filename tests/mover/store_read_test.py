@@ -95,6 +95,9 @@ def test_flipped_bit_fails_with_one_line(store: Store) -> None:
         read_all(store, ids)
     assert "\n" not in str(e.value)
     assert read_all(store, ids[:2])[0] == b"".join(store.read_block(i) for i in ids[:2])
+    out = memoryview(bytearray(len(ids) * BS))
+    with pytest.raises(StoreCorrupt, match="fails its checksum"):  # without the hash, the checksum catches it
+        store.read_into(ids, out, verify=False)
 
 
 def test_a_good_copy_saves_a_corrupt_block(store: Store) -> None:
