@@ -36,6 +36,7 @@ INFO_FILE = "info.json"
 SUBDIRS = (lock.LOCK_DIR, fsutil.TMP_DIR, pack.PACK_DIR, index.INDEX_DIR, BACKUP_DIR)
 CREATE_WAIT = 10.0  # how long open(create=True) waits for another process that is creating the store
 RECORD_SIZE = pack.RECORD.size
+SCRATCH_STEP = 1 << 20  # read buffers grow in these steps
 SPAN_MAX = 16 << 20  # largest single read of adjacent records (bounded by the caller's run anyway)
 LOCK_WAIT = 600.0  # a backup waits this long for a running prune before giving up with StoreLocked
 
@@ -282,7 +283,10 @@ class Store:
         """This thread's read buffer, grown to ``size`` (reused: no allocation and page faults per read)."""
         buf: bytearray | None = getattr(self._local, "scratch", None)
         if buf is None or len(buf) < size:
-            buf = self._local.scratch = bytearray(max(size, 1))
+            # Grown in whole MiB, at least doubling: runs differ in size by a few bytes, and each new
+            # allocation costs its page faults and zero-fill again.
+            grown = max(size, 2 * len(buf) if buf is not None else 0)
+            buf = self._local.scratch = bytearray(-(-grown // SCRATCH_STEP) * SCRATCH_STEP)
         return memoryview(buf)
 
     def _read_span(self, name: str, offset: int, span: memoryview) -> bool:
