@@ -72,13 +72,19 @@ class Cpu:
 
     def now(self) -> dict[str, float]:
         t = os.times()
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        idle = ticks[3] + ticks[4]  # idle + iowait
         return {"local": t.user + t.system + t.children_user + t.children_system, "ferry": self.plane.cpu(),
-                "server": cpu_seconds(self.servers)}
+                "server": cpu_seconds(self.servers), "busy": float(sum(ticks) - idle), "all": float(sum(ticks))}
 
     def since(self, before: dict[str, float], ferry: bool) -> dict[str, float]:
         after = self.now()
         d = {k: after[k] - before[k] for k in after}
-        return {"cpu": round(d["local"] + (d["ferry"] if ferry else 0.0), 2), "server_cpu": round(d["server"], 2)}
+        # How busy the whole machine was (every process, ours and others'): 100% = all cores saturated.
+        busy = d["busy"] / d["all"] if d["all"] else 0.0
+        return {"cpu": round(d["local"] + (d["ferry"] if ferry else 0.0), 2), "server_cpu": round(d["server"], 2),
+                "machine_busy": round(100 * busy, 1)}
 
 
 def _backup(plane: FerryPlane, cpu: Cpu, vm: str, kind: str) -> dict[str, Any]:
@@ -196,7 +202,8 @@ def render(res: dict[str, Any]) -> str:
     mib = lambda n: f"{n / MIB:.1f}"  # noqa: E731
     def row(label: str, step: dict[str, Any], data: float | None, rd: str, st: str, note: str) -> list[str]:
         return [label, f"{step['seconds']:.2f}", "" if data is None else f"{data:.2f}",
-                f"{step.get('cpu', 0):.1f}", f"{step.get('server_cpu', 0):.1f}", rd, st, note]
+                f"{step.get('cpu', 0):.1f}", f"{step.get('server_cpu', 0):.1f}", f"{step.get('machine_busy', 0):.0f}",
+                rd, st, note]
 
     def same_word(step: dict[str, Any]) -> str:
         return "identical" if step["identical"] else "DIFFERENT"
@@ -215,7 +222,8 @@ def render(res: dict[str, Any]) -> str:
         row("scale-out: 2 disks, 2 movers", s2, s2["disk_seconds"], mib(s2["read"]), mib(s2["stored"]),
             f"{s['speedup']:.2f}x faster, {len(s2['movers'])} movers used"),
     ]
-    head = ["step", "time s", "data s", "cpu s", "server cpu s", "read MiB", "stored MiB", "ratio / result"]
+    head = ["step", "time s", "data s", "cpu s", "server cpu s", "busy %", "read MiB", "stored MiB",
+            "ratio / result"]
     widths = [max(len(h), *(len(row[k]) for row in rows)) for k, h in enumerate(head)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
@@ -227,9 +235,11 @@ def render(res: dict[str, Any]) -> str:
     for t in res["targets"]:
         lines.append(f"  {t['figure']:<32} {t['value']:>7.3f}  target {t['target']:<7} "
                      f"{'met' if t['met'] else 'MISSED'}")
+    lines.append(f"  (data only, the mover's disk job against the client call: full {f['ratio_data']:.2f}x the client, "
+                 f"incremental {i['ratio_data']:.3f}x the full)")
     lines.append("\ntime s: the whole step (engine calls included); data s: the client call alone, or the slowest "
                  "disk job of the mover(s);\ncpu s: CPU of the client, or of Ferry (movers, control plane, CLI); "
-                 "server cpu s: CPU of the imageio daemons serving it")
+                 "server cpu s: CPU of the imageio daemons serving it;\nbusy %: all cores of the machine (every process) during the step")
     return "\n".join(lines)
 
 

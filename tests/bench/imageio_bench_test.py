@@ -61,7 +61,7 @@ def test_every_figure(bench_run: tuple[str, dict[str, Any], Path]) -> None:
 
     # CPU of each side and of the imageio daemons serving it, per step.
     for step in (full["client"], full["ferry"], rst["client"], rst["ferry"], so["movers_1"], so["movers_2"]):
-        assert step["cpu"] > 0 and step["server_cpu"] > 0, step
+        assert step["cpu"] > 0 and step["server_cpu"] > 0 and 0 < step["machine_busy"] <= 100, step
 
     # Where Ferry's time went, from the control plane's log: the data phase and the overheads around it.
     for step in (full["ferry"], incr["ferry"], so["movers_2"]):
@@ -103,8 +103,8 @@ def test_render_marks_missed_targets() -> None:
     """The table and targets from figures alone (no run): a missed target says so."""
     step = {"seconds": 2.0, "disk_seconds": 1.0, "read": 10 * MIB, "stored": 4 * MIB, "movers": ["a"]}
     res: dict[str, Any] = {
-        "full": {"client": {"seconds": 1.0, "data_seconds": 0.8}, "ferry": step, "ratio": 2.0},
-        "incremental": {"ferry": {**step, "seconds": 0.05}, "ratio": 0.025},
+        "full": {"client": {"seconds": 1.0, "data_seconds": 0.8}, "ferry": step, "ratio": 2.0, "ratio_data": 1.25},
+        "incremental": {"ferry": {**step, "seconds": 0.05}, "ratio": 0.025, "ratio_data": 0.02},
         "restore": {"client": {"seconds": 1.0, "data_seconds": 0.9, "identical": True},
                     "ferry": {"seconds": 1.1, "identical": True}, "ratio": 1.1},
         "scale_out": {"movers_1": step, "movers_2": {**step, "movers": ["a", "b"]}, "speedup": 1.0},
