@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Iterator
 from typing import Any
 
+from mover import kernels
 from mover.crew import Crew, Stop
 from mover.errors import StoreCorrupt
-from mover.kernels import ZERO_ID
+from mover.kernels import ID_SIZE
 from mover.pipeline import CHUNK, close_manifest, default_workers
 from mover.progress import Progress
 from mover.sinks.base import Sink
@@ -58,21 +60,14 @@ def restore(
         return start, min(end * bs, size) - start
 
     def plan() -> None:
-        n = len(manifest)
-        i = 0
-        while i < n:
-            j = i
-            if manifest[i] == ZERO_ID:
-                while j < n and manifest[j] == ZERO_ID:
-                    j += 1
-                offset, length = span(i, j)
+        for first, end, zero in _runs(manifest):
+            if zero:
+                offset, length = span(first, end)
                 sink.zero(offset, length)
                 progress.add(done=length, zero=length)
             else:
-                while j < n and j - i < task_blocks and manifest[j] != ZERO_ID:
-                    j += 1
-                crew.put(tasks, (i, j))
-            i = j
+                for i in range(first, end, task_blocks):
+                    crew.put(tasks, (i, min(i + task_blocks, end)))
             if crew.stopped():
                 raise Stop
         for _ in range(workers):
@@ -101,6 +96,33 @@ def restore(
     log.info("Restore done backup=%s written=%d zero=%d seconds=%.3f",
              backup_id, stats["written"], stats["zero"], stats["seconds"])
     return stats
+
+
+def _runs(manifest: Manifest) -> Iterator[tuple[int, int, bool]]:
+    """Maximal runs ``(first, end, all_zero)`` of the manifest's blocks, in order.
+
+    Zero ids are found by one GIL-free ``zero_flags`` pass per slice of the id array and runs by
+    ``bytearray.find``: the work is per run, not per block (a 64 GiB sparse disk has 262144 blocks).
+    """
+    chunks = getattr(manifest, "chunks", None)
+    slices: list[Any] = chunks() if chunks is not None else [b"".join(manifest[i] for i in range(len(manifest)))]
+    start, zero = 0, True
+    base = 0
+    for ids in slices:
+        flags = kernels.zero_flags(ids, ID_SIZE)  # 1: ZERO_ID
+        i, m = 0, len(flags)
+        while i < m:
+            here = bool(flags[i])
+            j = flags.find(0 if here else 1, i)
+            j = m if j < 0 else j
+            if here != zero and base + i > start:
+                yield start, base + i, zero
+                start = base + i
+            zero = here
+            i = j
+        base += m
+    if base > start:
+        yield start, base, zero
 
 
 def _write_run(
