@@ -219,14 +219,31 @@ DEF PLAN_COLS = 5  # src_off, src_len, dst_off, raw_len, flags
 DEF FLAG_ZSTD = 1
 
 
+cdef class DCtx:
+    """A libzstd decompression context, kept by a thread across ``unpack_records`` calls (its window
+    buffers are allocated once, not per batch). Not for two threads at once."""
+    cdef ZSTD_DCtx *ctx
+    cdef bint busy
+
+    def __cinit__(self):
+        self.ctx = ZSTD_createDCtx()
+        if self.ctx == NULL:
+            raise MemoryError("ZSTD_createDCtx")
+
+    def __dealloc__(self):
+        if self.ctx != NULL:
+            ZSTD_freeDCtx(self.ctx)
+
+
 def unpack_records(const unsigned char[::1] src not None, const int64_t[::1] plan not None,
-                   unsigned char[::1] dst not None) -> int:
+                   unsigned char[::1] dst not None, DCtx context=None) -> int:
     """Decompress (flag bit 0) or copy each planned record of ``src`` into its place in ``dst``.
 
     ``plan`` holds 5 int64 per record: offset and length of its stored bytes in ``src``, offset and raw
     length in ``dst``, flags. Returns -1 when every record yields exactly its raw length, else the index of
     the first that does not (bad frame, wrong length): the caller re-reads that block the slow way. One
-    GIL-free call per batch, with the frames decoded straight into ``dst`` (no per-block allocation).
+    GIL-free call per batch, with the frames decoded straight into ``dst`` (no per-block allocation);
+    ``context``: a ``DCtx`` to reuse (one is made for the call if none).
     """
     cdef Py_ssize_t n = plan.shape[0] // PLAN_COLS
     cdef Py_ssize_t i, bad = -1
@@ -244,9 +261,12 @@ def unpack_records(const unsigned char[::1] src not None, const int64_t[::1] pla
             raise ValueError("plan out of bounds")
     if n == 0:
         return -1
-    dctx = ZSTD_createDCtx()
-    if dctx == NULL:
-        raise MemoryError("ZSTD_createDCtx")
+    if context is None:
+        context = DCtx()
+    if context.busy:
+        raise RuntimeError("DCtx used by two threads at once")
+    context.busy = True
+    dctx = context.ctx
     with nogil:
         for i in range(n):
             so = plan[i * PLAN_COLS]
@@ -268,5 +288,5 @@ def unpack_records(const unsigned char[::1] src not None, const int64_t[::1] pla
                     break
                 if rl:
                     memcpy(&dst[do], &src[so], <size_t>rl)
-    ZSTD_freeDCtx(dctx)
+    context.busy = False
     return bad

@@ -187,13 +187,19 @@ def ref_bsearch(table: Buffer, start: int, count: int, entry_size: int, key: byt
 PLAN_COLS = 5  # per record: src offset, src length, dst offset, raw length, flags (bit 0: zstd)
 
 
-def unpack_records(src: Buffer, plan: memoryview, dst: bytearray | memoryview) -> int:
+def new_dctx() -> object:
+    """A zstd decompression context for one thread's ``unpack_records`` calls."""
+    return _kernels.DCtx()
+
+
+def unpack_records(src: Buffer, plan: memoryview, dst: bytearray | memoryview, context: object = None) -> int:
     """Decompress (flag bit 0) or copy each record of ``plan`` (int64 rows of ``PLAN_COLS``) from ``src``
     into ``dst``; -1 if every record gives exactly its raw length, else the index of the first that does not.
 
-    libzstd, one GIL-free call per batch, frames decoded in place (no allocation per block).
+    libzstd, one GIL-free call per batch, frames decoded in place (no allocation per block); ``context``
+    from ``new_dctx`` keeps the decoder's buffers from call to call (one per thread).
     """
-    return _kernels.unpack_records(_u8(src), plan, _u8(dst))  # type: ignore[no-any-return]
+    return _kernels.unpack_records(_u8(src), plan, _u8(dst), context)  # type: ignore[no-any-return]
 
 
 def ref_unpack_records(src: Buffer, plan: memoryview, dst: bytearray | memoryview) -> int:
@@ -213,7 +219,7 @@ def ref_unpack_records(src: Buffer, plan: memoryview, dst: bytearray | memoryvie
         if fl & 1:
             try:
                 data = zstandard.ZstdDecompressor().decompress(stored, max_output_size=rl)
-            except zstandard.ZstdError:
+            except (zstandard.ZstdError, MemoryError):  # a damaged header may claim an absurd content size
                 return i
         else:
             data = stored

@@ -259,7 +259,7 @@ class Store:
             i = j
         rows = memoryview(plan)
         while len(rows):
-            bad = kernels.unpack_records(scratch, rows, out)
+            bad = kernels.unpack_records(scratch, rows, out, self._dctx())
             done = len(rows) // kernels.PLAN_COLS if bad < 0 else bad
             for r in range(done):
                 k = rows[r * kernels.PLAN_COLS + 2] // bs
@@ -278,6 +278,13 @@ class Store:
             out[k * bs : k * bs + len(data)] = data
             lengths[k] = len(data)
         return lengths
+
+    def _dctx(self) -> object:
+        """This thread's libzstd context (its window buffers allocated once, not per batch)."""
+        d = getattr(self._local, "zctx", None)
+        if d is None:
+            d = self._local.zctx = kernels.new_dctx()
+        return d
 
     def _scratch(self, size: int) -> memoryview:
         """This thread's read buffer, grown to ``size`` (reused: no allocation and page faults per read)."""

@@ -194,12 +194,15 @@ def record_batch(draw: st.DrawFn) -> tuple[bytes, memoryview, int]:
     return bytes(src), memoryview(array.array("q", rows)), dst_at
 
 
-@given(record_batch())
+SHARED_DCTX = kernels.new_dctx()  # reused across examples, after failed frames too, as a restore thread does
+
+
+@given(record_batch(), st.booleans())
 @settings(max_examples=150, deadline=None)
-def test_unpack_records_matches_reference(case: tuple[bytes, memoryview, int]) -> None:
+def test_unpack_records_matches_reference(case: tuple[bytes, memoryview, int], shared: bool) -> None:
     src, plan, size = case
     got, want = bytearray(size), bytearray(size)
-    bad = kernels.unpack_records(src, plan, got)
+    bad = kernels.unpack_records(src, plan, got, SHARED_DCTX if shared else None)
     assert bad == kernels.ref_unpack_records(src, plan, want)
     if bad < 0:  # on failure the records after the bad one are left unwritten: compare only success
         assert got == want
