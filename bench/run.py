@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import core, report
+from bench import core, imageio_bench, report
 from bench.measure import BenchError
 from bench.peers import PEERS, Ferry, Tool
 from lab import images
@@ -108,6 +108,7 @@ SUITES: list[tuple[str, SuiteFn, Callable[[argparse.Namespace], bool]]] = [
     ("block_sizes", suite_block_sizes, lambda a: bool(a.block_sizes)),
     ("sparse64", suite_sparse, lambda a: not a.block_sizes and a.sparse_size != "0" and "ferry" in tool_names(a)),
     ("kernels", suite_kernels, lambda a: a.kernels),
+    ("imageio", imageio_bench.suite, lambda a: a.imageio and not a.block_sizes),
 ]
 
 
@@ -115,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--size", default=os.environ.get("BENCH_SIZE", "6G"),
                    help="image size (standard 6G; 1G for a quick run)")
-    p.add_argument("--quick", action="store_true", help="1 GiB image, 8 GiB sparse image, no kernel benchmarks")
+    p.add_argument("--quick", action="store_true", help="1 GiB image, 8 GiB sparse image, 256 MiB imageio disks, no kernel benchmarks")
     p.add_argument("--fill", type=float, default=0.5, help="fraction of the image filled with files")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=str(ROOT / "bench" / "out"), help="scratch space (repos, restores)")
@@ -128,12 +129,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sparse-size", default="64G", help="size of the sparse image (0 to skip)")
     p.add_argument("--no-kernels", dest="kernels", action="store_false", help="skip the kernel micro-benchmarks")
     p.add_argument("--keep", action="store_true", help="keep the repositories in the workdir afterwards")
+    p.add_argument("--no-imageio", dest="imageio", action="store_false",
+                   help="skip the imageio-mode benchmark (lab, NATS, movers vs the ovirt-imageio client)")
+    p.add_argument("--imageio-size", default="1G", help="disk size of the imageio-mode benchmark (default 1G)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
         args.size = "1G" if args.size == p.get_default("size") else args.size
         args.sparse_size = "8G" if args.sparse_size == "64G" else args.sparse_size
         args.kernels = False
+        args.imageio_size = "256M" if args.imageio_size == "1G" else args.imageio_size
     return args
 
 

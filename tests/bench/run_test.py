@@ -20,7 +20,7 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
     work = tmp_path_factory.mktemp("bench")
     out = work / "out.json"
     res = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--size", "64M", "--sparse-size", "2G",
+        [sys.executable, "-m", "bench.run", "--quick", "--size", "64M", "--sparse-size", "2G", "--no-imageio",
          "--workdir", str(work / "w"), "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -81,7 +81,7 @@ def test_bound_targets_sparse_and_machine(bench_run: tuple) -> None:
 def test_block_size_sweep(tmp_path: Path) -> None:
     out = tmp_path / "sweep.json"
     res = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--size", "64M", "--block-sizes", "64K,1M",
+        [sys.executable, "-m", "bench.run", "--quick", "--size", "64M", "--block-sizes", "64K,1M", "--no-imageio",
          "--workdir", str(tmp_path / "w"), "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
