@@ -25,7 +25,8 @@ from typing import Any
 
 from control.catalog import Catalog, Engine
 from control.config import Config
-from control.engine import EngineClient
+from control.engine import EngineClient, api_url
+from control.engine.session import EngineSessions
 from control.errors import FerryError, NotFound, UsageError
 from control.flows.backup import BackupFlow, BackupRequest, default_client
 from control.flows.base import Flow
@@ -70,6 +71,9 @@ class ControlPlane:
         # the loop's default executor. Progress callbacks run in order on one thread of their own.
         self._flow_pool = ThreadPoolExecutor(max_workers=MAX_FLOWS, thread_name_prefix="flow")
         self._progress_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress")
+        # One logged-in engine connection per engine, shared by the VM look-ups and the flows (no SSO
+        # login and logout per backup); logged out at shutdown.
+        self.sessions = EngineSessions()
 
     # lifecycle
 
@@ -132,6 +136,7 @@ class ControlPlane:
             await asyncio.wait(list(self._flows.values()), timeout=60)
         if self.bus is not None:
             await self.bus.close()
+        await asyncio.to_thread(self.sessions.close)
         self._flow_pool.shutdown(wait=False)
         self._progress_pool.shutdown(wait=False)
         self.stopped.set()
@@ -202,11 +207,16 @@ class ControlPlane:
         return str(found.id)
 
     def _client(self, engine: Engine) -> EngineClient:
-        return default_client(engine, timeout=self.cfg.engine_timeout)
+        """A client of ``engine`` on the control plane's shared session of that engine."""
+        password = engine.password()
+        session = self.sessions.get(engine.id, api_url(engine.url), engine.user, password, engine.ca_file)
+        return default_client(engine, timeout=self.cfg.engine_timeout, session=session, password=password)
 
     def _locate_vm(self, vm: str, engine: str | None = None) -> tuple[Engine, str]:
         """The engine holding VM ``vm`` and the VM's id: the named engine, else the engine the catalog knows
         the VM from, else every engine in turn. One engine's failure is raised when no engine has the VM."""
+        # Engines removed from the catalog (by `ferry engine remove`, another process) lose their session.
+        self.sessions.retain({e.id for e in self.catalog.engines()})
         if engine:
             candidates = [self.catalog.engine(engine)]
         else:

@@ -21,6 +21,7 @@ import ovirtsdk4 as sdk
 import ovirtsdk4.types as types
 import pycurl
 
+from control.engine.session import EngineSession, close_quietly, open_connection
 from control.errors import AuthError, EngineConflict, EngineError, EngineUnreachable, NotFound, UsageError
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,12 @@ T = TypeVar("T")
 
 # user@domain, as the engine's SSO expects (admin@internal, jane@example.com@ldap-profile is not valid).
 _USER_RE = re.compile(r"^[^@\s]+@[^@\s]+$")
-# Seconds between polls of an entity whose state we wait for: short first, since the lab answers in
-# milliseconds, growing so that a real engine is not hammered during a minutes-long snapshot.
-_POLL_FIRST, _POLL_MAX = 0.1, 2.0
+# Seconds between polls of an entity whose state we wait for. Most waits (backup ready, transfer
+# transferring, finalize) end within a second or two, and a phase change seen late is time lost on every
+# backup: polls start short and stay at most _POLL_SHORT apart for the first _POLL_SHORT_FOR seconds (a few
+# light GETs a second); only a wait that lasts longer (a snapshot of a big VM, a merge) backs off towards
+# _POLL_MAX, so a real engine is not hammered during a minutes-long wait.
+_POLL_FIRST, _POLL_SHORT, _POLL_SHORT_FOR, _POLL_MAX = 0.05, 0.25, 20.0, 2.0
 # Calls (by the ``what`` they are made with) that can be repeated without harm after a lost connection.
 # Creating calls (snapshot, backup, transfer, disk, VM) are not: a retry could create a second one.
 _RETRYABLE = ("get ", "list ", "search ", "finalize ", "cancel ", "remove ", "thaw ", "api")
@@ -84,35 +88,62 @@ class Transfer:
 
 
 class EngineBase:
-    """One authenticated connection to one engine; not thread-safe (one per flow). Inventory and plumbing."""
+    """One client of one engine. Its calls may come from several threads once connected (the connection
+    serialises requests). With ``session`` it borrows the session's shared, logged-in connection (the
+    control plane's, see ``control.engine.session``) and ``close`` only gives it back; without, it logs in
+    on ``connect`` and out on ``close``."""
 
-    def __init__(self, url: str, user: str, password: str, ca_file: str | None, timeout: float = 600) -> None:
+    def __init__(self, url: str, user: str, password: str, ca_file: str | None, timeout: float = 600,
+                 session: EngineSession | None = None) -> None:
         self.url = api_url(url)
         self.user = validate_user(user)
         self._password = password
         self.ca_file = ca_file
         self.timeout = timeout  # for one wait on an engine entity
         self._conn: sdk.Connection | None = None
+        self._session = session
+        self._acquired = False
 
     # connection
 
     def connect(self) -> Self:
-        """Log in and check the API answers (raises AuthError, EngineUnreachable)."""
+        """Log in (or borrow the session's connection) and check the API answers (raises AuthError,
+        EngineUnreachable)."""
+        if self._session is not None:
+            return self._connect_shared(self._session)
         with self._errors("login"):
-            self._conn = sdk.Connection(url=self.url, username=self.user, password=self._password,
-                                        ca_file=self.ca_file, insecure=False, timeout=60,
-                                        connections=2, pipeline=0)
-            self._conn.authenticate()
+            self._conn = open_connection(self.url, self.user, self._password, self.ca_file)
             self.version()
         log.info("engine connected url=%s user=%s", self.url, self.user)
         return self
 
+    def _connect_shared(self, session: EngineSession) -> Self:
+        if not self._acquired:
+            session.acquire()  # before the login: a retired session is not closed under us
+            self._acquired = True
+        with self._errors("login"):
+            self._conn, new = session.connection()
+        if new or session.version is None:
+            # A new login is checked as a private one is; a live session answered moments ago.
+            session.set_version(self._conn, self.version())
+            log.info("engine connected url=%s user=%s shared=yes", self.url, self.user)
+        return self
+
     def close(self) -> None:
+        if self._session is not None:
+            self._conn = None
+            if self._acquired:
+                self._acquired = False
+                self._session.release()
+            return
         if self._conn is not None:
-            try:
-                self._conn.close(logout=True)
-            except Exception as e:  # logging out is a courtesy; a dead engine must not hide the real error
-                log.debug("engine logout failed url=%s error=%s", self.url, e)
+            close_quietly(self._conn, logout=True, url=self.url)
+            self._conn = None
+
+    def _auth_failed(self) -> None:
+        """A 401 the SDK's own re-login did not cure: a shared connection is dropped (the next use logs in)."""
+        if self._session is not None:
+            self._session.drop(self._conn)
             self._conn = None
 
     def __enter__(self) -> Self:
@@ -133,6 +164,7 @@ class EngineBase:
         try:
             yield
         except sdk.AuthError as e:
+            self._auth_failed()
             raise AuthError(_short(e), url=self.url, user=self.user) from None
         except sdk.NotFoundError:
             raise NotFound(kind=kind, name=name or what) from None
@@ -150,6 +182,7 @@ class EngineBase:
             if e.code == 404:
                 raise NotFound(kind=kind, name=name or what) from None
             if e.code == 401:
+                self._auth_failed()
                 raise AuthError(_short(e), url=self.url, user=self.user) from None
             raise EngineError(f"{what}: {_short(e)}", url=self.url) from None
 
@@ -170,6 +203,8 @@ class EngineBase:
                 delay = min(delay * 2, 5.0)
 
     def version(self) -> tuple[int, int]:
+        if self._session is not None and self._session.version is not None and self._conn is not None:
+            return self._session.version
         with self._errors("api"):
             api = self.system.get()
         v = api.product_info.version if api.product_info else None
@@ -261,7 +296,8 @@ class EngineBase:
     def wait(self, what: str, probe: Callable[[], T], done: Callable[[T], bool],
              failed: Callable[[T], str | None] = lambda _: None, timeout: float | None = None) -> T:
         """Poll ``probe`` until ``done``; EngineError if ``failed`` names a reason or the time runs out."""
-        deadline = time.monotonic() + (timeout or self.timeout)
+        start = time.monotonic()
+        deadline = start + (timeout or self.timeout)
         delay = _POLL_FIRST
         while True:
             value = probe()
@@ -273,7 +309,13 @@ class EngineBase:
             if time.monotonic() > deadline:
                 raise EngineError(f"{what}: timed out after {timeout or self.timeout:.0f}s", url=self.url)
             time.sleep(delay)
-            delay = min(delay * 1.5, _POLL_MAX)
+            delay = poll_delay(delay, time.monotonic() - start)
+
+
+def poll_delay(delay: float, waited: float) -> float:
+    """The next poll interval after ``delay``, ``waited`` seconds into a wait."""
+    cap = _POLL_SHORT if waited < _POLL_SHORT_FOR else _POLL_MAX
+    return min(delay * 1.5, cap) if delay < cap else cap
 
 
 def _disk_info(d: Any, att: Any = None) -> DiskInfo:

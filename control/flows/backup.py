@@ -29,8 +29,9 @@ from typing import Any
 from control import vmmeta
 from control.catalog import Backup, Catalog, DiskBackup, Engine, new_id
 from control.engine import DiskInfo, EngineClient
+from control.engine.session import EngineSession
 from control.errors import Busy, EngineError, FlowError, NotFound, UsageError
-from control.flows.base import Cleanup, Dispatcher, Flow
+from control.flows.base import Cleanup, Dispatcher, Flow, bound, run_all
 from control.flows.modes import DiskPlan, get_mode
 from mover.jobs import ExportJob, JobProgress, backup_subject, export_subject, snapshot_subject
 
@@ -59,8 +60,11 @@ class BackupRequest:
 ClientFactory = Callable[[Engine], EngineClient]
 
 
-def default_client(engine: Engine, timeout: float = 600.0) -> EngineClient:
-    return EngineClient(engine.url, engine.user, engine.password(), engine.ca_file, timeout=timeout)
+def default_client(engine: Engine, timeout: float = 600.0, session: EngineSession | None = None,
+                   password: str | None = None) -> EngineClient:
+    """A client of ``engine``: its own login, or borrowing ``session``'s connection (the control plane's)."""
+    return EngineClient(engine.url, engine.user, engine.password() if password is None else password,
+                        engine.ca_file, timeout=timeout, session=session)
 
 
 class BackupFlow(Flow):
@@ -352,8 +356,13 @@ class BackupFlow(Flow):
             raise FlowError("; ".join(failures), kind="export", name=self.vm.name)
 
     def finalize(self) -> None:
-        for plan in self.plans.values():
-            self.mode.finish_export(self, plan)
+        # The transfers end at once (each a finalize and a wait on the engine): one disk's wait no longer
+        # adds to the next one's. Every transfer is finalized whatever another does; the first failure
+        # then fails the step, and clean-up cancels what did not end and finalizes the VM backup.
+        failures = run_all([(f"finalize {plan.disk.alias}", bound(self.mode.finish_export, self, plan))
+                            for plan in self.plans.values()])
+        if failures:
+            raise failures[0][1]
         if self.method == "checkpoint" and self.engine_backup_id:
             phase = self.client.finalize_backup(self.vm.id, self.engine_backup_id)
             if self._finalize_cleanup is not None:

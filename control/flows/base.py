@@ -14,6 +14,7 @@ a ``Dispatcher``.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,6 +143,38 @@ class Flow:
             except Exception as e:
                 self.cleanup_report.failed[c.name] = _one_line(e)
                 log.error("%s cleanup failed id=%s action=%s error=%s", self.kind, self.id, c.name, _one_line(e))
+
+
+def bound(fn: Callable[[Any, Any], Any], flow: Any, item: Any) -> Callable[[], Any]:
+    """``fn(flow, item)`` bound now (a lambda in a loop would see the last item)."""
+    return lambda: fn(flow, item)
+
+
+def run_all(actions: list[tuple[str, Callable[[], Any]]]) -> list[tuple[str, BaseException]]:
+    """Run ``(name, action)`` pairs at once, one thread each, every one to its end whatever the others do;
+    return the failures (name, error) in the order given. For engine waits that overlap (finalizing the
+    transfers of a backup): the time is the slowest one's, not the sum. One action runs in the caller."""
+    failures: dict[int, BaseException] = {}
+
+    def run(i: int, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except BaseException as e:  # reported to the caller, which decides; never lost in a thread
+            failures[i] = e
+
+    if len(actions) == 1:
+        run(0, actions[0][1])
+    else:
+        threads = [threading.Thread(target=run, args=(i, fn), name=f"flow-{name}"[:40], daemon=True)
+                   for i, (name, fn) in enumerate(actions)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for i, e in sorted(failures.items()):
+        if len(actions) > 1:
+            log.error("concurrent action failed action=%s error=%s", actions[i][0], _one_line(e))
+    return [(actions[i][0], failures[i]) for i in sorted(failures)]
 
 
 def _one_line(e: BaseException) -> str:

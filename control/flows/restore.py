@@ -23,7 +23,7 @@ from control.catalog import Catalog, Engine, Restore, new_id
 from control.engine import Transfer
 from control.errors import FlowError, NotFound, UsageError
 from control.flows.backup import ClientFactory, default_client
-from control.flows.base import Dispatcher, Flow
+from control.flows.base import Dispatcher, Flow, bound, run_all
 from control.flows.modes import get_mode
 from mover.jobs import JobProgress, RestoreJob
 
@@ -183,8 +183,12 @@ class RestoreFlow(Flow):
                 self.progress[did].update(state="written", done=self.progress[did]["total"])
         if failures:
             raise FlowError("; ".join(failures), kind="restore", name=self.id)
-        for d in self.disks:
-            self.mode.finish_restore(self, self.new_disks[d["disk_id"]])
+        # Uploads end at once (see BackupFlow.finalize); the first failure fails the step.
+        ended = run_all([(f"finalize upload {d['alias']}", bound(self.mode.finish_restore, self,
+                                                                  self.new_disks[d["disk_id"]]))
+                         for d in self.disks])
+        if ended:
+            raise ended[0][1]
 
     def attach(self) -> None:
         if self.vm_id is None:
