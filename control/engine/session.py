@@ -27,7 +27,10 @@ log = logging.getLogger(__name__)
 
 
 class SerialConnection(sdk.Connection):
-    """An ``ovirtsdk4.Connection`` safe to share between threads: one request (send + wait) at a time."""
+    """An ``ovirtsdk4.Connection`` safe to share between threads: one request (send + wait) at a time.
+
+    Not for the SDK's ``wait=False`` calls: a request sent holds the connection until it is waited for.
+    """
 
     def __init__(self, **kwargs: Any) -> None:
         # RLock: the SDK's wait may send again (re-login after a 401) in the same thread.
