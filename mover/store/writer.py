@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Full packs being fsynced and published in the background at once (beyond the one being filled).
+MAX_PUBLISHING = 2
+
 
 class _PackWriter(pack.PackWriter):
     """A pack writer whose records come with their header already built (by the calling thread)."""
@@ -47,8 +50,8 @@ class Writer:
     """``mover.store.api.BlockWriter`` for one store. Thread-safe.
 
     Compression and the record checksum run in the calling thread, appends under a short lock; a full pack is fsynced and
-    published by the thread that filled it, outside the lock, so the other threads keep appending to a
-    new pack meanwhile.
+    published by a background thread, outside the lock, so every worker keeps appending to a new pack
+    meanwhile; ``commit`` waits for every publish.
     """
 
     def __init__(self, store: Store) -> None:
@@ -112,8 +115,28 @@ class Writer:
                 full, self._pack = self._pack, None
                 self._publishing += 1
         if full is not None:
-            self._publish(full)
+            self._publish_async(full)
         return pack.RECORD.size + len(stored)
+
+    def _publish_async(self, p: pack.PackWriter) -> None:
+        """Publish a full pack in a thread of its own, so the workers go on compressing meanwhile.
+
+        Publishing is mostly the pack's fsync (128 MiB at this machine's ~280 MB/s: ~0.5 s); done by the
+        worker that filled the pack, it left one of two cores idle for that long per pack (a 6 GiB image
+        backed up in 9.0 s to disk against 7.3 s to tmpfs). At most ``MAX_PUBLISHING`` packs are in flight:
+        a worker that fills one more waits, which bounds the ids kept in ``_pending``.
+        """
+        with self._lock:
+            while self._publishing > MAX_PUBLISHING and self._error is None:
+                self._idle.wait()
+        t = threading.Thread(target=self._publish_quietly, args=(p,), name=f"publish-{p.name[:8]}", daemon=True)
+        t.start()
+
+    def _publish_quietly(self, p: pack.PackWriter) -> None:
+        try:
+            self._publish(p)
+        except BaseException as e:  # recorded in _error: the next add or the commit raises it
+            log.debug("Publish failed pack=%s error=%r", p.name, e)
 
     def _publish(self, p: pack.PackWriter) -> None:
         """fsync and rename pack ``p``, publish its segment (caller counted it in ``_publishing``)."""
@@ -232,4 +255,8 @@ class Writer:
         with self._lock:
             self._drop()
             self.closed = True
+            # Background publishes finish first: a pack published after the shared lock is gone could be
+            # taken by a concurrent prune for an unindexed leftover just before its segment appears.
+            while self._publishing:
+                self._idle.wait()
             self._unhold()
