@@ -144,7 +144,7 @@ def print_table(rows: list[Row]) -> None:
     from rich.table import Table
 
     size = next((r.size for r in rows if r.size), 0)
-    table = Table(title=f"ferry demo: {human_size(size)} disk; back up, change 1%, back up again, restore, verify",
+    table = Table(title=f"ferry demo-image: {human_size(size)} disk; back up, change 1%, back up again, restore, verify",
                   title_justify="left")
     for col in ("step", "read", "stored", "time", "rate", "result"):
         table.add_column(col, justify="left" if col in ("step", "result") else "right", no_wrap=True)
