@@ -10,12 +10,10 @@ import logging
 import os
 import stat
 import struct
-from collections.abc import Iterator
 
-from mover.errors import SourceError, UsageError
-from mover.sources import extents as _extents
+from mover.errors import SourceError
 from mover.sources.base import Extent
-from mover.sources.file import FdReader, open_fd
+from mover.sources.file import FdReader, LocalSource, open_fd
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +36,7 @@ def sector_size(fd: int) -> int:
     return int(struct.unpack("I", buf)[0])
 
 
-class DeviceSource:
+class DeviceSource(LocalSource):
     """A block device (``/dev/loopN``, ``/dev/sdX``, a by-id link).
 
     ``direct=True`` reads with O_DIRECT (bypassing the page cache, as a backup of a big disk should); the
@@ -52,9 +50,7 @@ class DeviceSource:
         readers: int = MAX_READERS,
         direct: bool = False,
     ) -> None:
-        self._path = path
-        self._changed = changed
-        self._max_readers = max(1, readers)
+        super().__init__(path, changed, readers)
         self._flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
         fd = open_fd(path)
         try:
@@ -67,29 +63,6 @@ class DeviceSource:
         finally:
             os.close(fd)
         log.debug("Open source device=%r size=%d direct=%s", path, self._size, direct)
-
-    @property
-    def name(self) -> str:
-        return self._path
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def max_readers(self) -> int:
-        return self._max_readers
-
-    def extents(self, context: str = "zero") -> Iterator[Extent]:
-        if context == "zero":
-            yield Extent(0, self._size, zero=False)
-        elif context == "dirty":
-            if self._changed is None:
-                yield Extent(0, self._size, zero=False, dirty=True)
-            else:
-                yield from _extents.cover(self._changed, self._size)
-        else:
-            raise UsageError(f"unknown extents context {context!r}")
 
     def reader(self) -> FdReader:
         return FdReader(self._path, self._flags)

@@ -64,27 +64,18 @@ class FdReader:
             self._fd = -1
 
 
-class FileSource:
-    """A raw disk image in a regular file.
+class LocalSource:
+    """What a file and a device source share: a path, a size, readers of their own, changed extents.
 
     ``changed``: the extents that changed since the base backup (from ``--changed``); with it,
     ``extents("dirty")`` marks them and only they need reading.
     """
 
-    def __init__(self, path: str, changed: list[Extent] | None = None, readers: int = MAX_READERS) -> None:
+    def __init__(self, path: str, changed: list[Extent] | None, readers: int) -> None:
         self._path = path
         self._changed = changed
         self._max_readers = max(1, readers)
-        self._fd = open_fd(path)
-        try:
-            st = os.fstat(self._fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise SourceError("not a regular file", path=path)
-            self._size = st.st_size
-        except BaseException:
-            os.close(self._fd)
-            raise
-        log.debug("Open source path=%r size=%d", path, self._size)
+        self._size = 0
 
     @property
     def name(self) -> str:
@@ -99,12 +90,9 @@ class FileSource:
         return self._max_readers
 
     def extents(self, context: str = "zero") -> Iterator[Extent]:
-        """Zero extents from the file's holes; with ``context="dirty"`` the changed extents."""
+        """Data and zero extents (``context="zero"``), or the changed extents (``context="dirty"``)."""
         if context == "zero":
-            try:
-                yield from _extents.data_extents(self._fd, self._size)
-            except OSError as e:
-                raise SourceError(f"cannot map extents: {e.strerror}", path=self._path) from None
+            yield from self._zero_extents()
         elif context == "dirty":
             if self._changed is None:
                 yield Extent(0, self._size, zero=False, dirty=True)
@@ -112,6 +100,33 @@ class FileSource:
                 yield from _extents.cover(self._changed, self._size)
         else:
             raise UsageError(f"unknown extents context {context!r}")
+
+    def _zero_extents(self) -> Iterator[Extent]:
+        """All data unless the source knows better (the pipeline finds the zero blocks)."""
+        yield Extent(0, self._size, zero=False)
+
+
+class FileSource(LocalSource):
+    """A raw disk image in a regular file; its holes are zero extents."""
+
+    def __init__(self, path: str, changed: list[Extent] | None = None, readers: int = MAX_READERS) -> None:
+        super().__init__(path, changed, readers)
+        self._fd = open_fd(path)
+        try:
+            st = os.fstat(self._fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise SourceError("not a regular file", path=path)
+            self._size = st.st_size
+        except BaseException:
+            os.close(self._fd)
+            raise
+        log.debug("Open source path=%r size=%d", path, self._size)
+
+    def _zero_extents(self) -> Iterator[Extent]:
+        try:
+            yield from _extents.data_extents(self._fd, self._size)
+        except OSError as e:
+            raise SourceError(f"cannot map extents: {e.strerror}", path=self._path) from None
 
     def reader(self) -> FdReader:
         return FdReader(self._path)
