@@ -44,7 +44,8 @@ def test_cli_status_second_up_write_fault(lab: Lab, capsys: pytest.CaptureFixtur
     assert p.returncode == 0, p.stderr
     st = json.loads(p.stdout)
     assert st["engine_url"] == lab.url and st["user"] == "admin@internal"
-    assert Path(st["password_file"]).read_text().strip() and Path(st["ca_file"]).exists()
+    assert Path(st["password_file"]).read_text().strip() == st["password"] == lab.password
+    assert Path(st["ca_file"]).exists()
     assert st["proxy_vm"] == lab.proxy_vm
     assert {h["name"] for h in st["hosts"]} == {"host1", "host2"}
     for h in st["hosts"]:
