@@ -97,7 +97,6 @@ class BackupFlow(Flow):
         self.results: dict[str, Any] = {}
         self.progress: dict[str, dict[str, Any]] = {}
         self.warnings: list[str] = []
-        self._last_event = 0.0
         self._plock = threading.Lock()
         self.record: Backup | None = None
         self.hooks = dict(hooks or {})
@@ -112,18 +111,11 @@ class BackupFlow(Flow):
 
     def record_state(self, state: str) -> None:
         if self.record is not None:
-            fields: dict[str, Any] = {"state": state}
-            if state in ("succeeded", "failed"):
-                fields.update(finished=time.time(), error=self.error, stats=self.stats())
-            self.catalog.update_backup(self.id, **fields)
+            self.catalog.update_backup(self.id, **self.state_fields(state))
         self.emit(force=True)
 
-    def emit(self, force: bool = False) -> None:
-        """Publish the backup's state and per-disk progress (throttled unless ``force``)."""
-        now = time.monotonic()
-        if not force and now - self._last_event < 0.5:
-            return
-        self._last_event = now
+    def publish_event(self) -> None:
+        """The backup's state and per-disk progress."""
         self.dispatcher.event(backup_subject(self.id), {
             "backup_id": self.id, "vm": self.vm.name if self.vm is not None else self.req.vm,
             "state": self.state, "error": self.error, "mode": self.req.mode, "method": self.method,

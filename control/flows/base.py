@@ -57,9 +57,12 @@ class Flow:
     """Base of the backup and restore state machines."""
 
     kind = "flow"
+    # Seconds between two progress events of one flow; state changes are always published at once.
+    EVENT_INTERVAL = 0.5
 
     def __init__(self, flow_id: str) -> None:
         self.id = flow_id
+        self._last_event = 0.0
         self.state = "new"
         self.history: list[tuple[str, float]] = []
         self.error: str | None = None
@@ -77,6 +80,30 @@ class Flow:
 
     def finished(self, ok: bool) -> None:
         """Called once at the very end (after clean-up) with the outcome."""
+
+    def publish_event(self) -> None:
+        """Publish the flow's state and progress (called by ``emit``)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Figures kept with the flow's record when it ends."""
+        return {}
+
+    # shared by the flows
+
+    def emit(self, force: bool = False) -> None:
+        """Publish state and progress, at most once per ``EVENT_INTERVAL`` unless ``force``."""
+        now = time.monotonic()
+        if not force and now - self._last_event < self.EVENT_INTERVAL:
+            return
+        self._last_event = now
+        self.publish_event()
+
+    def state_fields(self, state: str) -> dict[str, Any]:
+        """Catalog fields for entering ``state``; the end time, error and stats when it is final."""
+        fields: dict[str, Any] = {"state": state}
+        if state in ("succeeded", "failed"):
+            fields.update(finished=time.time(), error=self.error, stats=self.stats())
+        return fields
 
     # machinery
 

@@ -64,7 +64,6 @@ class RestoreFlow(Flow):
         self.progress: dict[str, dict[str, Any]] = {}
         self.results: dict[str, Any] = {}
         self._plock = threading.Lock()
-        self._last_event = 0.0
         self._recorded = False
         self.only_disks = False  # some disks, no new VM: they come back as floating disks
         self.cluster_id = ""
@@ -76,17 +75,11 @@ class RestoreFlow(Flow):
 
     def record_state(self, state: str) -> None:
         if self._recorded:
-            fields: dict[str, Any] = {"state": state, "vm_id": self.vm_id}
-            if state in ("succeeded", "failed"):
-                fields.update(finished=time.time(), error=self.error, stats=self.stats())
-            self.catalog.update_restore(self.id, **fields)
+            self.catalog.update_restore(self.id, vm_id=self.vm_id, **self.state_fields(state))
         self.emit(force=True)
 
-    def emit(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_event < 0.5:
-            return
-        self._last_event = now
+    def publish_event(self) -> None:
+        """The restore's state, per-disk progress and the disks created so far."""
         self.dispatcher.event(f"ferry.events.restore.{self.id}", {
             "restore_id": self.id, "backup_id": self.backup.id, "vm": self.vm_name, "vm_id": self.vm_id,
             "state": self.state, "error": self.error, "disks": self.progress, "new_disks": self.new_disks})
