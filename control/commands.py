@@ -259,10 +259,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 async def _backup(args: argparse.Namespace, cfg: Config) -> int:
+    from control import client
     from control import progress as progressmod
-    from control import service
 
-    b = await service.client_bus(cfg, nats_url(cfg))
+    b = await client.client_bus(cfg, nats_url(cfg))
     try:
         ids = []
         for vm in args.vms:
@@ -272,7 +272,7 @@ async def _backup(args: argparse.Namespace, cfg: Config) -> int:
                 req["method"] = args.method
             if args.engine:
                 req["engine"] = args.engine
-            reply = await service.request(b, jobs.TRIGGER_BACKUP, req)
+            reply = await client.request(b, jobs.TRIGGER_BACKUP, req)
             ids.append((vm, reply["backup_id"]))
         if args.no_wait:
             _print(args, [{"vm": vm, "backup_id": i} for vm, i in ids], "\n".join(i for _, i in ids))
@@ -281,7 +281,7 @@ async def _backup(args: argparse.Namespace, cfg: Config) -> int:
         for vm, bid in ids:
             view = progressmod.FlowView(f"backup of {vm} ({bid[:8]})", quiet=args.json)
             with view:
-                last = await service.watch(b, jobs.backup_subject(bid), view.update, timeout=args.timeout)
+                last = await client.watch(b, jobs.backup_subject(bid), view.update, timeout=args.timeout)
             finals.append(last)
             if last.get("state") != "succeeded":
                 rc = 7
@@ -309,21 +309,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 async def _restore(args: argparse.Namespace, cfg: Config) -> int:
+    from control import client
     from control import progress as progressmod
-    from control import service
 
-    b = await service.client_bus(cfg, nats_url(cfg))
+    b = await client.client_bus(cfg, nats_url(cfg))
     try:
         req = {"backup_id": args.backup, "name": args.name, "cluster": args.cluster,
                "storage_domain": args.storage_domain, "disks": args.disk, "start": args.start}
-        reply = await service.request(b, jobs.TRIGGER_RESTORE, req)
+        reply = await client.request(b, jobs.TRIGGER_RESTORE, req)
         rid = reply["restore_id"]
         if args.no_wait:
             _print(args, {"restore_id": rid}, rid)
             return 0
         view = progressmod.FlowView(f"restore {rid[:8]}", quiet=args.json)
         with view:
-            last = await service.watch(b, f"{jobs.EVENTS_PREFIX}.restore.{rid}", view.update, timeout=args.timeout)
+            last = await client.watch(b, f"{jobs.EVENTS_PREFIX}.restore.{rid}", view.update, timeout=args.timeout)
         ok = last.get("state") == "succeeded"
         if args.json:
             print(json.dumps(last, indent=1))
@@ -352,7 +352,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def _run_plane(cfg: Config, movers: int, workers: int) -> int:
     """Run (embedded NATS), the control plane and ``movers`` mover processes until SIGINT/SIGTERM."""
-    from control import service
+    from control import client, service
     from control.natsd import NatsServer
 
     cat = open_catalog(cfg)
@@ -378,7 +378,7 @@ def _run_plane(cfg: Config, movers: int, workers: int) -> int:
                 cmd += ["--workers", str(workers)]
             procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
         print(f"ferry: control plane on {url} with {movers} mover(s); data in {cfg.data_dir}", flush=True)
-        plane = service.ControlPlane(cfg, cat, service.bus_options(cfg, url, "ferry-control"))
+        plane = service.ControlPlane(cfg, cat, client.bus_options(cfg, url, "ferry-control"))
         asyncio.run(_serve_until_signal(plane))
     finally:
         for p in procs:

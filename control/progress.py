@@ -5,13 +5,13 @@ from __future__ import annotations
 import sys
 import time
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.live import Live
+    from rich.table import Table
 
-from control.catalog import Catalog
+    from control.catalog import Catalog
 
 
 class FlowView:
@@ -21,14 +21,19 @@ class FlowView:
         self.title = title
         self.quiet = quiet
         self.tty = sys.stderr.isatty() and not quiet
-        self.console = Console(stderr=True)
         self.live: Live | None = None
         self._last_lines: dict[str, str] = {}
         self._state = ""
 
     def __enter__(self) -> FlowView:
         if self.tty:
-            self.live = Live(self._table({}), console=self.console, refresh_per_second=4, transient=False)
+            # rich only for a live table on a terminal: its import (~80 ms) is start-up time of every
+            # `ferry backup`, and scripts (--json, or output to a file) never draw one.
+            from rich.console import Console
+            from rich.live import Live
+
+            self.live = Live(self._table({}), console=Console(stderr=True), refresh_per_second=4,
+                             transient=False)
             self.live.__enter__()
         return self
 
@@ -53,6 +58,8 @@ class FlowView:
                 print(line, file=sys.stderr)
 
     def _table(self, ev: dict[str, Any]) -> Table:
+        from rich.table import Table
+
         t = Table(title=f"{self.title}: {ev.get('state', 'starting')}", title_justify="left")
         for c in ("disk", "type", "state", "progress", "stored", "rate"):
             t.add_column(c)

@@ -8,8 +8,8 @@ publishes jobs for the movers and control events, and collects results and progr
 Results are read from a subscription and, every few seconds, from the events stream (``last_result``), so a
 result published while this process was reconnecting (NATS restarted) is not lost.
 
-The client helpers at the end (``trigger_backup``, ``watch``) are what ``ferry backup`` and ``ferry restore``
-use: the CLI is itself a client of the triggers.
+The client side of the triggers (``request``, ``watch``), what ``ferry backup`` and ``ferry restore`` use, is
+``control.client``: the CLI is itself a client of the triggers, and does not import this module.
 """
 
 from __future__ import annotations
@@ -44,13 +44,6 @@ MAX_FLOWS = 32
 QUEUE_GROUP = "ferry-control"  # several control planes may run: each trigger is served once
 # Extra fields the control plane accepts on ferry.trigger.backup beyond mover.jobs.BackupTrigger.
 BACKUP_EXTRAS = ("exclude", "method", "freeze", "engine")
-
-
-def bus_options(cfg: Config, url: str, name: str) -> mbus.BusOptions:
-    o = cfg.nats.options()
-    return mbus.BusOptions(url=url, name=name, user=o.get("user"), password=o.get("password"),
-                           token=o.get("token"), creds_file=o.get("creds"), tls_ca=o.get("tls_ca"),
-                           tls_cert=o.get("tls_cert"), tls_key=o.get("tls_key"))
 
 
 class ControlPlane:
@@ -347,74 +340,3 @@ def _log_event_error(subject: str) -> Callable[[Future[Any]], None]:
         if not f.cancelled() and f.exception() is not None:
             log.warning("event not published subject=%s error=%s", subject, f.exception())
     return done
-
-
-# --- the client side (ferry backup / ferry restore) ----------------------------------------------------
-
-
-async def client_bus(cfg: Config, url: str) -> mbus.Bus:
-    """A NATS connection for a CLI command: quiet about its own disconnect at exit."""
-
-    async def quiet() -> None:
-        log.debug("NATS disconnected (client)")
-
-    return await mbus.connect(bus_options(cfg, url, "ferry-cli"), disconnected_cb=quiet)
-
-
-async def request(bus: mbus.Bus, subject: str, data: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
-    """Request-reply on a trigger; one clear error when no control plane answers."""
-    try:
-        msg = await bus.nc.request(subject, json.dumps(data).encode(), timeout=timeout)
-    except Exception as e:
-        if "no responders" in str(e).lower() or type(e).__name__ in ("NoRespondersError", "TimeoutError"):
-            raise UsageError(f"no control plane answered on {subject} (is `ferry up` or `ferry control` "
-                             "running?)") from None
-        raise
-    reply = json.loads(msg.data)
-    if not isinstance(reply, dict):
-        raise UsageError(f"bad reply on {subject}: {msg.data[:80]!r}")
-    if reply.get("error"):
-        raise _RemoteError(str(reply["error"]), exit_code=int(reply.get("exit_code") or 1))
-    return reply
-
-
-class _RemoteError(FerryError):
-    """An error the control plane answered with (already one line, with its exit code)."""
-
-
-async def watch(bus: mbus.Bus, subject: str, on_event: Callable[[dict[str, Any]], None],
-                until: tuple[str, ...] = ("succeeded", "failed"), timeout: float | None = None) -> dict[str, Any]:
-    """Follow the events of one flow until its state is in ``until``; return the last event."""
-    last: dict[str, Any] = {}
-    changed = asyncio.Event()
-
-    async def cb(msg: Any) -> None:
-        nonlocal last
-        try:
-            ev = json.loads(msg.data)
-        except ValueError:
-            return
-        if ev.get("time", 0) >= last.get("time", 0):
-            last = ev
-            on_event(ev)
-            changed.set()
-
-    sub = await bus.nc.subscribe(subject, cb=cb)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    try:
-        while last.get("state") not in until:
-            if deadline is not None and time.monotonic() > deadline:
-                raise UsageError(f"gave up waiting on {subject} after {timeout:.0f}s (state {last.get('state')})")
-            try:
-                m = await bus.js.get_last_msg(jobs.STREAM_EVENTS, subject)
-                await cb(m)
-            except Exception:
-                pass  # not published yet, or NATS restarting
-            changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), timeout=2.0)
-        return last
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-
