@@ -1,69 +1,35 @@
-"""The Ferry processes of the imageio benchmark: NATS, ``ferry control`` and ``ferry mover`` as separate processes.
+"""The Ferry processes of the imageio benchmark: ``lab.plane.Plane`` with production timeouts.
 
-As in production (and as ``tests/control/plane.py`` does for the end-to-end tests): an embedded
-``nats-server``, the control plane and movers each their own process, driven by the ``ferry`` CLI. Movers can
-be stopped and started between measurements (one mover, then two limited ones for the scale-out figure), and
-every process started here is stopped by ``close()``.
+NATS, ``ferry control`` and ``ferry mover`` as separate processes, as in production (and as the end-to-end
+tests run them). Movers can be stopped and started between measurements (one mover, then two limited ones for
+the scale-out figure), and every process started here is stopped by ``close()``. On top of the shared plane:
+CPU accounting, timed ``--json`` commands and where a flow's time went.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.measure import BenchError
-from control.natsd import NatsServer
+from lab import plane, procs
 
-ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 30.0
 
 
-class FerryPlane:
+class FerryPlane(plane.Plane):
     """NATS, one control plane and any number of movers sharing a data directory and a store."""
 
+    error_type = BenchError
+
     def __init__(self, base: Path, engine_url: str, user: str, password: str, ca_file: str) -> None:
-        self.base = base
-        self.data = base / "data"
-        self.store = base / "store"
-        self.data.mkdir(parents=True, exist_ok=True)
-        self.store.mkdir(parents=True, exist_ok=True)
         # Production job timeout; engine waits short enough that a stuck lab fails the run in seconds.
-        (self.data / "config.json").write_text(json.dumps({"engine_timeout": 30, "job_timeout": 3600}))
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.nats = NatsServer(base / "nats")
-        self.control: subprocess.Popen[bytes] | None = None
-        self.movers: list[subprocess.Popen[bytes]] = []
-        self._logs = 0
-        self.nats.start()
-        pw = base / "engine-password"
-        fd = os.open(pw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(password)
-        self.ferry("engine", "add", engine_url, "--user", user, "--password-file", str(pw), "--ca-file", ca_file)
-        self.start_control()
-
-    def _spawn(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-        with open(log, "ab") as out:
-            return subprocess.Popen([sys.executable, "-m", "control.cli", "-v", *args], stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=out, env=self.env, cwd=ROOT)
-
-    def start_control(self) -> None:
-        """Start ``ferry control`` and wait until it answers triggers."""
-        self.control = self._spawn(["control", "--data-dir", str(self.data), "--nats", self.nats.url,
-                                    "--store", str(self.store)], self.base / "control.log")
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            r = self.ferry("backup", "--no-wait", "", check=False)  # an empty VM name: answered with an error
-            if "no control plane answered" not in r.stderr:
-                return
-            time.sleep(0.2)
-        raise BenchError("control plane did not come up: " + self.tail(self.base / "control.log"))
+        super().__init__(base, engine_url, user, password, ca_file,
+                         config={"engine_timeout": 30, "job_timeout": 3600},
+                         ready_timeout=READY_TIMEOUT, command_timeout=3600, stop_timeout=10)
 
     def start_movers(self, n: int, *extra: str, store: Path | None = None) -> None:
         """Start ``n`` movers (``extra``: e.g. ``--workers 1 --threads 1``), each waited for until ready.
@@ -71,38 +37,11 @@ class FerryPlane:
         ``store``: the movers write there instead of the control plane's store (a fresh store per
         measurement, so that a later backup does not deduplicate against an earlier one)."""
         for _ in range(n):
-            self._logs += 1
-            log = self.base / f"mover-{self._logs}.log"
-            args = ["mover", "--nats", self.nats.url, "--store", str(store or self.store),
-                    "--capability", "imageio", "--capability", "store", *extra]
-            p = self._spawn(args, log)
-            self.movers.append(p)
-            deadline = time.monotonic() + READY_TIMEOUT
-            while "Mover ready" not in log.read_text(errors="replace"):
-                if p.poll() is not None or time.monotonic() > deadline:
-                    raise BenchError("mover did not come up: " + self.tail(log))
-                time.sleep(0.05)
+            self.spawn_mover(*extra, store=store, wait=True)
 
     def cpu(self) -> float:
         """CPU seconds used so far by the running movers and the control plane (with their reaped children)."""
         return cpu_seconds([p.pid for p in [*self.movers, *([self.control] if self.control else [])]])
-
-    def stop_movers(self) -> None:
-        _stop(self.movers)
-        self.movers = []
-
-    def ferry(self, *args: str, check: bool = True, timeout: float = 3600) -> subprocess.CompletedProcess[str]:
-        """Run one ``ferry`` command against this plane; BenchError with its output if it fails."""
-        cmd = [sys.executable, "-m", "control.cli", args[0]]
-        if args[0] == "engine":
-            cmd += [args[1], *args[2:], "--data-dir", str(self.data)]
-        else:
-            cmd += [*args[1:], "--data-dir", str(self.data), "--nats", self.nats.url, "--store", str(self.store)]
-        r = subprocess.run(cmd, capture_output=True, text=True, env=self.env, cwd=ROOT, timeout=timeout)
-        if check and r.returncode != 0:
-            raise BenchError(f"ferry {' '.join(args)} -> exit {r.returncode}: "
-                             f"{(r.stderr.strip().splitlines() or [''])[-1]}")
-        return r
 
     def timed_json(self, *args: str) -> tuple[float, Any, tuple[float, float]]:
         """Wall time of ``ferry ARGS --json`` (the whole command, as an administrator waits for it), its output,
@@ -142,20 +81,6 @@ class FerryPlane:
         finally:
             cat.close()
 
-    @staticmethod
-    def tail(path: Path, n: int = 1500) -> str:
-        try:
-            return path.read_text(errors="replace")[-n:]
-        except OSError:
-            return "(no log)"
-
-    def close(self) -> None:
-        """Stop every process started here: movers, the control plane, NATS."""
-        _stop([*self.movers, *([self.control] if self.control else [])])
-        self.movers = []
-        self.control = None
-        self.nats.stop()
-
 
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU seconds of processes (and their waited-for children) from ``/proc/PID/stat``."""
@@ -174,27 +99,5 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def pids_of(*needles: str) -> list[int]:
     """Processes whose command line contains every one of ``needles``."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if all(n in cmd for n in needles):
-            out.append(int(d.name))
-    return out
-
-
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            # An idle mover or control plane exits at once; a busy one gets a few seconds, then is killed.
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    pids = (int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit())
+    return [pid for pid in pids if all(n in procs.cmdline(pid) for n in needles)]

@@ -15,7 +15,8 @@ import pytest
 from control.engine import EngineClient
 from control.flows.backup import SHALLOW_LAYER_READS
 from lab.client import Lab
-from tests.control.plane import ROOT, Plane
+from lab.plane import ROOT
+from tests.control.plane import Plane
 
 MIB = 2**20
 

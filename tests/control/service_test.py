@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.control.plane import ROOT, Plane
+from lab.plane import ROOT
+from tests.control.plane import Plane
 
 
 def test_missing_vm_is_one_line_not_found(plane: Plane) -> None:
