@@ -14,6 +14,7 @@ import json
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from mover.errors import SinkError
@@ -151,10 +152,9 @@ class ImageioSink:
 
     def _put(self, offset: int, view: memoryview) -> None:
         length = len(view)
-        con = self._get_con()
-        try:
-            path = self._ep.path + ("?flush=n" if self._can_flush else "")
-            con.putrequest("PUT", path)
+
+        def send(con: http.client.HTTPConnection) -> None:
+            con.putrequest("PUT", self._ep.path + ("?flush=n" if self._can_flush else ""))
             con.putheader("Content-Length", str(length))
             con.putheader("Content-Type", "application/octet-stream")
             con.putheader("Content-Range", f"bytes {offset}-{offset + length - 1}/*")
@@ -163,33 +163,31 @@ class ImageioSink:
                 con.send(view)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the server closed early; its answer says why
-            res = con.getresponse()
-            body = res.read()
-            if res.status != http.client.OK:
-                raise self._http_error(f"PUT at offset {offset}", res.status, body)
-        except (OSError, http.client.HTTPException) as e:
-            con.close()
-            raise SinkError(f"PUT at offset {offset}: {e}", path=self.name, retryable=True) from None
-        except BaseException:
-            con.close()
-            raise
-        self._pool.put(con)
+
+        self._request(f"PUT at offset {offset}", send)
         with self._lock:
             self.stats["put_requests"] += 1
             self.stats["put_bytes"] += length
 
     def _patch(self, msg: dict[str, Any]) -> None:
+        self._request(f"PATCH {msg['op']}", lambda con: con.request(
+            "PATCH", self._ep.path, body=json.dumps(msg).encode(), headers={"Content-Type": "application/json"}))
+
+    def _request(self, what: str, send: Callable[[http.client.HTTPConnection], None]) -> None:
+        """``send`` one request on a pooled connection and check its answer is 200.
+
+        A connection that failed in any way is closed, not pooled: its state is unknown. Connection errors
+        are retryable, HTTP errors when the server answered 5xx."""
         con = self._get_con()
         try:
-            con.request("PATCH", self._ep.path, body=json.dumps(msg).encode(),
-                        headers={"Content-Type": "application/json"})  # fmt: skip
+            send(con)
             res = con.getresponse()
             body = res.read()
             if res.status != http.client.OK:
-                raise self._http_error(f"PATCH {msg['op']}", res.status, body)
+                raise self._http_error(what, res.status, body)
         except (OSError, http.client.HTTPException) as e:
             con.close()
-            raise SinkError(f"PATCH {msg['op']}: {e}", path=self.name, retryable=True) from None
+            raise SinkError(f"{what}: {e}", path=self.name, retryable=True) from None
         except BaseException:
             con.close()
             raise

@@ -100,6 +100,29 @@ def test_write_beyond_disk_and_bad_ticket(tmp_path: Path, daemon: ImageioDaemon)
         nbd.close()
 
 
+def test_server_gone_is_retryable_and_drops_the_connection(tmp_path: Path, daemon: ImageioDaemon) -> None:
+    disk = tmp_path / "t.qcow2"
+    make_image(disk, SIZE, [])
+    nbd = QemuNbd(disk, tmp_path / "nbd.sock", read_only=False)
+    try:
+        sink = ImageioSink(spec(daemon.add_ticket(nbd.url, SIZE, ["write"]), daemon.ca_pem))
+        try:
+            sink.write(0, b"x" * MiB)  # leaves one open connection in the pool
+            daemon.close()
+            # The pooled connection is dead: the PUT fails as retryable (another mover or attempt may succeed).
+            with pytest.raises(SinkError, match=f"PUT at offset {MiB}") as e:
+                sink.write(MiB, b"y" * MiB)
+            assert e.value.retryable
+            # The broken connection was not put back: the flush's PATCH needs a new one, and cannot connect.
+            with pytest.raises(SinkError, match="connect:") as e:
+                sink.flush()
+            assert e.value.retryable
+        finally:
+            sink.close()
+    finally:
+        nbd.close()
+
+
 def test_merge() -> None:
     assert _merge([(10, 5), (0, 10), (20, 1), (14, 2)]) == [(0, 16), (20, 1)]
     assert _merge([]) == []
