@@ -227,3 +227,11 @@ def ref_unpack_records(src: Buffer, plan: memoryview, dst: bytearray | memoryvie
             return i
         out[do : do + rl] = data
     return -1
+
+
+# --- early write-back ---------------------------------------------------------------------------------
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> int:
+    """Start writing a range of ``fd`` to disk without waiting; 0 or the errno (advisory: fsync decides)."""
+    return _kernels.start_writeback(fd, offset, nbytes)  # type: ignore[no-any-return]

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import zstandard
 
+from mover import kernels
 from mover.errors import StoreError, StoreLocked
 from mover.store import fsutil, index, lock, pack
 from mover.store.api import ZERO_ID
@@ -25,10 +26,15 @@ log = logging.getLogger(__name__)
 
 # Full packs being fsynced and published in the background at once (beyond the one being filled).
 MAX_PUBLISHING = 2
+# Every this many bytes appended to a pack, its new data is handed to the disk (``sync_file_range``), so the
+# pack's fsync, and above all the last one at commit, finds little left to write.
+WRITEBACK_EVERY = 8 * 1024 * 1024
 
 
 class _PackWriter(pack.PackWriter):
     """A pack writer whose records come with their header already built (by the calling thread)."""
+
+    _written_back = 0  # bytes of the pack already handed to the disk
 
     def append_built(self, head: bytes, block_id: bytes, stored: bytes | bytearray | memoryview, raw_len: int,
                      flags: int) -> pack.Record:
@@ -43,6 +49,10 @@ class _PackWriter(pack.PackWriter):
             raise fsutil.store_error(e, self.root, f"cannot write pack {self.name}") from e
         self.size += pack.RECORD.size + len(stored)
         self.records.append(rec)
+        if self.size - self._written_back >= WRITEBACK_EVERY:
+            # Advisory and non-blocking (the caller holds the writer's lock): an error here shows at fsync.
+            kernels.start_writeback(self._fd, self._written_back, self.size - self._written_back)
+            self._written_back = self.size
         return rec
 
 
@@ -76,18 +86,34 @@ class Writer:
             c = self._local.cctx = zstandard.ZstdCompressor(level=self.store.config.zstd_level)
         return c
 
-    def add(self, block_id: bytes, data: bytes | bytearray | memoryview) -> int:
-        """Store ``data`` under ``block_id`` unless the store has it; returns the bytes written (0 if not)."""
-        if self.closed:
-            raise ValueError("writer is closed")
-        if block_id == ZERO_ID or block_id in self._pending:
-            return 0
+    def _hold(self) -> None:
         if not self._holding:
             with self._lock:
                 if not self._holding:
                     self.store.hold()  # before the dedup lookup: prune must not drop what we rely on
                     self._holding = True
-        if self.store.has(block_id):
+
+    def known(self, ids: bytes | bytearray | memoryview) -> bytearray:
+        """One flag per 32-byte id of ``ids``: 1 if the store has it (or it is ``ZERO_ID``).
+
+        One GIL-free pass per index segment for a whole batch, instead of one lookup per ``add``: pass
+        ``looked_up=True`` to ``add`` for the ids found missing here (blocks this writer has not published
+        yet are still caught by ``add``).
+        """
+        self._hold()
+        return self.store.has_many(ids)
+
+    def add(self, block_id: bytes, data: bytes | bytearray | memoryview, looked_up: bool = False) -> int:
+        """Store ``data`` under ``block_id`` unless the store has it; returns the bytes written (0 if not).
+
+        ``looked_up``: the caller found ``block_id`` missing with ``known`` (skip the index lookup).
+        """
+        if self.closed:
+            raise ValueError("writer is closed")
+        if block_id == ZERO_ID or block_id in self._pending:
+            return 0
+        self._hold()
+        if not looked_up and self.store.has(block_id):
             return 0
         raw_len = len(data)
         stored: bytes | bytearray | memoryview = self._compressor().compress(data)
