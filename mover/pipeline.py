@@ -285,17 +285,18 @@ class _Backup:
             self._merge_base(idx, dirty, data[(idx - first) * bs : (idx - first) * bs + bs])
         flags = zero_flags(data, bs)
         ids = self.store.block_ids(data, zero=bytes(flags))
+        known = self.writer.known(b"".join(ids))  # the whole buffer's dedup lookups in one call
         zero = dup = new = stored = 0
         for i, block_id in enumerate(ids):
             idx = first + i
             blen = min(bs, length - i * bs)
             if block_id == ZERO_ID:
                 zero += blen
-            elif self.have_base and self.manifest[idx] == block_id:
-                dup += blen  # unchanged since the base: not even a lookup
+            elif known[i] or (self.have_base and self.manifest[idx] == block_id):
+                dup += blen  # in the store already, or unchanged since the base
             else:
                 try:
-                    n = self.writer.add(block_id, data[i * bs : i * bs + blen])
+                    n = self.writer.add(block_id, data[i * bs : i * bs + blen], looked_up=True)
                 except OSError as e:
                     raise store_error(self.store, e) from None
                 if n:
@@ -373,6 +374,7 @@ def backup(
                 crew).run()
         if crew.error is not None:
             raise crew.error
+        data_done = time.monotonic()
         try:
             writer.commit()
         except OSError as e:
@@ -381,6 +383,7 @@ def backup(
         writer.abort()
         close_manifest(manifest)
         raise
+    commit_s = time.monotonic() - data_done  # the wait for the last packs' fsync: logged, it is worth watching
     snap = progress.finish()
     stats = {k: snap.get(k, 0) for k in ("read", "zero", "duplicate", "new", "stored", "unchanged")}
     stats["seconds"] = snap["seconds"]
@@ -401,5 +404,6 @@ def backup(
         raise store_error(store, e) from None
     finally:
         close_manifest(manifest)
-    log.info("Backup done id=%s %s", saved.id, " ".join(f"{k}={v}" for k, v in stats.items()))
+    log.info("Backup done id=%s %s commit_seconds=%.3f", saved.id, " ".join(f"{k}={v}" for k, v in stats.items()),
+             commit_s)
     return saved

@@ -51,10 +51,15 @@ class Manifest(Protocol):
 class BlockWriter(Protocol):
     """Appends new blocks to this process's pack files. Thread-safe."""
 
-    def add(self, block_id: bytes, data: bytes | memoryview) -> int:
+    def known(self, ids: bytes | bytearray | memoryview) -> bytearray:
+        """One flag per 32-byte id of ``ids`` (1: in the store, or ``ZERO_ID``), looked up as one batch."""
+        ...
+
+    def add(self, block_id: bytes, data: bytes | memoryview, looked_up: bool = False) -> int:
         """Store ``data`` (raw, uncompressed) under ``block_id`` unless the store has it.
 
         Compresses in the calling thread. Returns the bytes written to the store (0 for a duplicate).
+        ``looked_up``: ``known`` already found the id missing from the index.
         """
         ...
 
