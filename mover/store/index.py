@@ -142,7 +142,7 @@ class Segment:
             yield self.entry(i)
 
 
-def count_missing(segments: tuple[Segment, ...], ids: memoryview | bytes,
+def count_missing(segments: tuple[Segment, ...], ids: memoryview | bytes | bytearray,
                   live: list[bytearray] | None = None, found: bytearray | None = None) -> int:
     """Non-zero ids of ``ids`` (n * 32 bytes) found in no segment; with ``live``, flag each first copy.
 

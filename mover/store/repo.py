@@ -137,7 +137,7 @@ class Store:
         self.index.refresh()
         self._packs.sweep()
 
-    def has_many(self, ids: bytes | memoryview) -> bytearray:
+    def has_many(self, ids: bytes | bytearray | memoryview) -> bytearray:
         """One flag per 32-byte id of ``ids`` (1: ``ZERO_ID`` or in the store), by one GIL-free call per segment."""
         found = bytearray()
         index.count_missing(self.index.segments, ids, found=found)
