@@ -32,10 +32,13 @@ T = TypeVar("T")
 _USER_RE = re.compile(r"^[^@\s]+@[^@\s]+$")
 # Seconds between polls of an entity whose state we wait for. Most waits (backup ready, transfer
 # transferring, finalize) end within a second or two, and a phase change seen late is time lost on every
-# backup: polls start short and stay at most _POLL_SHORT apart for the first _POLL_SHORT_FOR seconds (a few
-# light GETs a second); only a wait that lasts longer (a snapshot of a big VM, a merge) backs off towards
-# _POLL_MAX, so a real engine is not hammered during a minutes-long wait.
-_POLL_FIRST, _POLL_SHORT, _POLL_SHORT_FOR, _POLL_MAX = 0.05, 0.25, 20.0, 2.0
+# backup: for the first _POLL_FAST_FOR seconds polls are _POLL_FIRST apart (a phase step of a fraction of a
+# second is seen within ~50 ms instead of ~150 ms with a growing delay); then they stay at most _POLL_SHORT
+# apart for the first _POLL_SHORT_FOR seconds (a few light GETs a second); only a wait that lasts longer (a
+# snapshot of a big VM, a merge) backs off towards _POLL_MAX. The fast phase is bounded on purpose: at most
+# ~20 GETs of one entity, once per wait, so even many flows at once do not hammer a real engine for long.
+_POLL_FIRST, _POLL_FAST_FOR = 0.05, 1.0
+_POLL_SHORT, _POLL_SHORT_FOR, _POLL_MAX = 0.25, 20.0, 2.0
 # Calls (by the ``what`` they are made with) that can be repeated without harm after a lost connection.
 # Creating calls (snapshot, backup, transfer, disk, VM) are not: a retry could create a second one.
 _RETRYABLE = ("get ", "list ", "search ", "finalize ", "cancel ", "remove ", "thaw ", "api")
@@ -314,6 +317,8 @@ class EngineBase:
 
 def poll_delay(delay: float, waited: float) -> float:
     """The next poll interval after ``delay``, ``waited`` seconds into a wait."""
+    if waited < _POLL_FAST_FOR:
+        return _POLL_FIRST
     cap = _POLL_SHORT if waited < _POLL_SHORT_FOR else _POLL_MAX
     return min(delay * 1.5, cap) if delay < cap else cap
 

@@ -121,6 +121,9 @@ def test_poll_interval_short_then_backs_off() -> None:
         delay = poll_delay(delay, waited)
         seen.append((waited, delay))
         waited += delay
+    # Fast in the first second (a phase step of the engine seen within ~50 ms), and never faster than that.
+    assert {d for w, d in seen if w < 1.0} == {0.05}
+    assert min(d for _, d in seen) == 0.05 and len([w for w, _ in seen if w < 1.0]) <= 21
     assert max(d for w, d in seen if w < 20) <= 0.25
     assert [d for w, d in seen if w < 20][-1] == 0.25
     assert max(d for _, d in seen) == 2.0
