@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ovirtsdk4 import types
 
 from lab.engine.http import HttpError, Reply, Request
-from lab.engine.snapshots import vm_busy
+from lab.engine.phases import refuse_if_busy, step_due, unlocked_disk, vm_child
 from lab.engine.state import new_id
 from lab.engine.xml import href, list_reply, new, obj_reply, read, ref, ts
 
@@ -65,18 +65,12 @@ def register(e: Engine) -> None:
     r = e.router
 
     def get_b(vm: str, bid: str) -> dict[str, Any]:
-        e.state.get("vms", vm, "VM")
-        b = e.state.get("backups", bid, "Backup")
-        if b["vm"] != vm:
-            raise HttpError(404, f"Entity not found: Backup: id={bid}")
-        return b
+        return vm_child(e, "backups", vm, bid, "Backup")
 
     def add(req: Request, id: str) -> Reply:
         v = e.state.get("vms", id, "VM")
         spec: types.Backup = read(req, types.Backup)
-        busy = vm_busy(e, id)
-        if busy:
-            raise HttpError(409, f"Cannot backup VM. {busy}")
+        refuse_if_busy(e, id, "backup VM")
         wanted = [d.id for d in spec.disks] if spec.disks else [
             did for did, a in v["attachments"].items() if not a.get("snapshot")]
         if not wanted:
@@ -84,9 +78,7 @@ def register(e: Engine) -> None:
         for did in wanted:
             if did not in v["attachments"]:
                 raise HttpError(409, f"Cannot backup VM. Disk {did} is not attached to VM {v['name']}.")
-            d = e.state.get("disks", did, "Disk")
-            if d["status"] != "ok":
-                raise HttpError(409, f"Cannot backup VM. Disk {d['name']} is locked. Please try again in a few minutes.")
+            unlocked_disk(e, did, "backup VM")
         frm = spec.from_checkpoint_id
         if frm:
             c = e.state.coll("checkpoints").get(frm)
@@ -134,11 +126,7 @@ def register(e: Engine) -> None:
     r.add("GET", "vms/{id}/backups/{bid}/disks", backup_disks)
 
     def get_c(vm: str, cid: str) -> dict[str, Any]:
-        e.state.get("vms", vm, "VM")
-        c = e.state.get("checkpoints", cid, "Checkpoint")
-        if c["vm"] != vm:
-            raise HttpError(404, f"Entity not found: Checkpoint: id={cid}")
-        return c
+        return vm_child(e, "checkpoints", vm, cid, "Checkpoint")
 
     def remove_c(req: Request, id: str, cid: str) -> Reply:
         c = get_c(id, cid)
@@ -167,34 +155,37 @@ def register(e: Engine) -> None:
 
 
 def tick(e: Engine) -> None:
-    now = time.time()
-    for b in list(e.state.coll("backups").values()):
-        if b["phase"] in ("ready", "succeeded", "failed") or b.get("due", 0) > now:
-            continue
-        try:
-            if b["phase"] == "initializing":
-                b["phase"] = "starting"
-                b["due"] = now + STEP_DELAY
-            elif b["phase"] == "starting":
-                _start(e, b)
-                b["phase"] = "ready"
-            elif b["phase"] == "finalizing":
-                if any(t.get("backup") == b["id"] and not t["phase"].startswith("finished")
-                       for t in e.state.coll("transfers").values()):
-                    continue  # the engine waits for the backup's transfers to end
-                _stop(e, b)
-                b["phase"] = "succeeded"
-                e.end_job(b.get("job"))
-                v = e.state.coll("vms").get(b["vm"], {"name": "?"})
-                e.state.add_event(f"Backup {b['id']} for VM {v['name']} finalized.", code=10792, vm=b["vm"])
-        except Exception as err:
-            log.warning("Backup step failed backup=%s phase=%s error=%s", b["id"][:8], b["phase"], err)
-            fail(e, b)
-            e.end_job(b.get("job"), ok=False)
-            v = e.state.coll("vms").get(b["vm"], {"name": "?"})
-            e.state.add_event(f"Backup {b['id']} for VM {v['name']} failed: {err}", "error", 10791, vm=b["vm"])
-        b["modified"] = now
-        e.dirty()
+    step_due(e, "backups", lambda b: b["phase"] not in ("ready", "succeeded", "failed"), _step, _step_failed)
+
+
+def _step(e: Engine, b: dict[str, Any], now: float) -> bool:
+    """initializing -> starting (after STEP_DELAY) -> ready; finalizing -> succeeded once its transfers ended."""
+    if b["phase"] == "initializing":
+        b["phase"] = "starting"
+        b["due"] = now + STEP_DELAY
+    elif b["phase"] == "starting":
+        _start(e, b)
+        b["phase"] = "ready"
+    elif b["phase"] == "finalizing":
+        if any(t.get("backup") == b["id"] and not t["phase"].startswith("finished")
+               for t in e.state.coll("transfers").values()):
+            return False  # the engine waits for the backup's transfers to end
+        _stop(e, b)
+        b["phase"] = "succeeded"
+        e.end_job(b.get("job"))
+        v = e.state.coll("vms").get(b["vm"], {"name": "?"})
+        e.state.add_event(f"Backup {b['id']} for VM {v['name']} finalized.", code=10792, vm=b["vm"])
+    b["modified"] = now
+    return True
+
+
+def _step_failed(e: Engine, b: dict[str, Any], err: Exception, now: float) -> None:
+    log.warning("Backup step failed backup=%s phase=%s error=%s", b["id"][:8], b["phase"], err)
+    fail(e, b)
+    e.end_job(b.get("job"), ok=False)
+    v = e.state.coll("vms").get(b["vm"], {"name": "?"})
+    e.state.add_event(f"Backup {b['id']} for VM {v['name']} failed: {err}", "error", 10791, vm=b["vm"])
+    b["modified"] = now
 
 
 def fail(e: Engine, b: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from ovirtsdk4 import types
 
 from lab.engine import disks as disks_mod
 from lab.engine.http import HttpError, Reply, Request
+from lab.engine.phases import refuse_if_busy, step_due, unlocked_disk, vm_child
 from lab.engine.state import new_id
 from lab.engine.vms import vm_ovf
 from lab.engine.xml import href, list_reply, new, obj_reply, read, ref, ts
@@ -36,27 +37,11 @@ def snapshot_obj(e: Engine, s: dict[str, Any], all_content: bool = False) -> typ
     )
 
 
-def vm_busy(e: Engine, vm_id: str) -> str | None:
-    """Why a VM cannot take a snapshot/backup now, in the engine's words, or None."""
-    v = e.state.coll("vms")[vm_id]
-    for s in e.state.coll("snapshots").values():
-        if s["vm"] == vm_id and s["status"] == "locked":
-            return f"Snapshot is currently being {'created' if s.get('phase') == 'creating' else 'removed'} for VM {v['name']}."
-    for b in e.state.coll("backups").values():
-        if b["vm"] == vm_id and b["phase"] not in ("succeeded", "failed"):
-            return f"VM {v['name']} is currently in backup."
-    return None
-
-
 def register(e: Engine) -> None:
     r = e.router
 
     def snap(vm_id: str, sid: str) -> dict[str, Any]:
-        e.state.get("vms", vm_id, "VM")
-        s = e.state.get("snapshots", sid, "Snapshot")
-        if s["vm"] != vm_id:
-            raise HttpError(404, f"Entity not found: Snapshot: id={sid}")
-        return s
+        return vm_child(e, "snapshots", vm_id, sid, "Snapshot")
 
     def list_snaps(req: Request, id: str) -> Reply:
         e.state.get("vms", id, "VM")
@@ -68,9 +53,7 @@ def register(e: Engine) -> None:
     def add(req: Request, id: str) -> Reply:
         v = e.state.get("vms", id, "VM")
         spec: types.Snapshot = read(req, types.Snapshot)
-        busy = vm_busy(e, id)
-        if busy:
-            raise HttpError(409, f"Cannot create Snapshot. {busy}")
+        refuse_if_busy(e, id, "create Snapshot")
         if spec.disk_attachments:
             wanted = [a.disk.id if a.disk else a.id for a in spec.disk_attachments]
             for did in wanted:
@@ -79,9 +62,7 @@ def register(e: Engine) -> None:
         else:
             wanted = [did for did, a in v["attachments"].items() if not a.get("snapshot")]
         for did in wanted:
-            d = e.state.get("disks", did, "Disk")
-            if d["status"] != "ok":
-                raise HttpError(409, f"Cannot create Snapshot. Disk {d['name']} is locked. Please try again in a few minutes.")
+            unlocked_disk(e, did, "create Snapshot")
         sid = new_id()
         s = {
             "id": sid, "vm": id, "type": "regular", "description": spec.description or "", "status": "locked",
@@ -102,9 +83,7 @@ def register(e: Engine) -> None:
             raise HttpError(409, "Cannot remove Snapshot. The Active VM snapshot cannot be removed.")
         if s["status"] == "locked":
             raise HttpError(409, f"Cannot remove Snapshot. Snapshot is currently being {'created' if s.get('phase') == 'creating' else 'removed'} for VM {v['name']}.")
-        busy = vm_busy(e, id)
-        if busy:
-            raise HttpError(409, f"Cannot remove Snapshot. {busy}")
+        refuse_if_busy(e, id, "remove Snapshot")
         if e.take_fault("snapshot_remove_conflict"):
             raise HttpError(409, f"Cannot remove Snapshot. The following disks are locked: {', '.join(s['disks'])}. Please try again in a few minutes.")
         for did in s["disks"]:
@@ -147,19 +126,21 @@ def register(e: Engine) -> None:
 
 
 def tick(e: Engine) -> None:
-    now = time.time()
-    for s in list(e.state.coll("snapshots").values()):
-        if s["status"] != "locked" or s.get("due", 0) > now:
-            continue
-        try:
-            if s["phase"] == "creating":
-                _create(e, s)
-            else:
-                _remove(e, s)
-        except Exception as err:
-            log.exception("Snapshot step failed snapshot=%s", s["id"])
-            _fail(e, s, str(err))
-        e.dirty()
+    step_due(e, "snapshots", lambda s: s["status"] == "locked", _step, _step_failed)
+
+
+def _step(e: Engine, s: dict[str, Any], now: float) -> bool:
+    """A locked snapshot's one step: its layers made (creating) or merged away (removing)."""
+    if s["phase"] == "creating":
+        _create(e, s)
+    else:
+        _remove(e, s)
+    return True
+
+
+def _step_failed(e: Engine, s: dict[str, Any], err: Exception, now: float) -> None:
+    log.exception("Snapshot step failed snapshot=%s", s["id"])
+    _fail(e, s, str(err))
 
 
 def _fail(e: Engine, s: dict[str, Any], why: str) -> None:
