@@ -71,16 +71,6 @@ class FerryPlane(plane.Plane):
             out[key] = round(out.get(key, 0.0) + t_next - t, 3)
         return out
 
-    def restored_disks(self, restore_id: str) -> dict[str, str]:
-        """Original disk id -> new disk id of a finished restore (from the catalog)."""
-        from control.catalog import Catalog
-
-        cat = Catalog(self.data / "catalog.sqlite")
-        try:
-            return dict(cat.restore(restore_id).stats["disks"])
-        finally:
-            cat.close()
-
 
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU seconds of processes (and their waited-for children) from ``/proc/PID/stat``."""

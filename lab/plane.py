@@ -125,6 +125,16 @@ class Plane:
         return self.error_type(f"ferry {' '.join(args)} -> exit {r.returncode}: "
                                f"{(r.stderr.strip().splitlines() or [''])[-1]}")
 
+    def restored_disks(self, restore_id: str) -> dict[str, str]:
+        """Original disk id -> new disk id of a finished restore (from the catalog)."""
+        from control.catalog import Catalog
+
+        cat = Catalog(self.data / "catalog.sqlite")
+        try:
+            return dict(cat.restore(restore_id).stats["disks"])
+        finally:
+            cat.close()
+
     @staticmethod
     def tail(path: Path, n: int = 1500) -> str:
         """The last ``n`` characters of a log."""

@@ -47,16 +47,6 @@ def backup(plane: Plane, vm: str, *args: str) -> dict[str, Any]:
     return b
 
 
-def restored_disks(plane: Plane, restore_id: str) -> dict[str, str]:
-    from control.catalog import Catalog
-
-    cat = Catalog(plane.data / "catalog.sqlite")
-    try:
-        return dict(cat.restore(restore_id).stats["disks"])
-    finally:
-        cat.close()
-
-
 def assert_nothing_left(lab: Lab, vm_id: str, method: str, point: str) -> None:
     """No transfer or VM backup still open, and only the point kept for the next incremental."""
     with EngineClient(lab.url, lab.user, lab.password, lab.ca_file) as c:
@@ -101,7 +91,7 @@ def test_full_incremental_restore(plane: Plane, lab: Lab, tmp_path: Path, method
     # The latest point, as a new VM: every disk bit for bit.
     r = plane.ferry_json("restore", incr["id"], "--name", f"{name}-restored")
     assert r["state"] == "succeeded", r
-    new = restored_disks(plane, r["restore_id"])
+    new = plane.restored_disks(r["restore_id"])
     assert set(new) == set(disks)
     for d in disks:
         assert same(lab.volume_paths(d)[-1], lab.volume_paths(new[d])[-1]), d
@@ -113,7 +103,7 @@ def test_full_incremental_restore(plane: Plane, lab: Lab, tmp_path: Path, method
     # The full backup's point, one disk only: a floating disk equal to the disk at that time.
     r = plane.ferry_json("restore", full["id"], "--disk", disks[0])
     assert r["state"] == "succeeded", r
-    new = restored_disks(plane, r["restore_id"])
+    new = plane.restored_disks(r["restore_id"])
     assert list(new) == [disks[0]]
     assert same(at_full[disks[0]], lab.volume_paths(new[disks[0]])[-1])
     assert not same(at_full[disks[0]], lab.volume_paths(disks[0])[-1])  # the guest did change it since
@@ -146,7 +136,7 @@ def test_restore_to_another_domain_started(plane: Plane, lab: Lab) -> None:
     sd = lab.storage_domain("iscsi-data")
     r = plane.ferry_json("restore", b["id"][:8], "--name", "web-moved", "--storage-domain", sd["name"], "--start")
     assert r["state"] == "succeeded", r
-    new = restored_disks(plane, r["restore_id"])
+    new = plane.restored_disks(r["restore_id"])
     with EngineClient(lab.url, lab.user, lab.password, lab.ca_file) as c:
         rvm = c.find_vm("web-moved")
         assert rvm.status.value in ("powering_up", "up")
@@ -202,7 +192,7 @@ def test_excluded_disk_is_not_backed_up_nor_restored(plane: Plane, lab: Lab) -> 
     r = plane.ferry("backup", vm["name"], "--exclude", "no-such-disk", "--json", check=False)
     assert r.returncode == 7 and "disk no-such-disk of VM web-excl not found" in r.stdout
     r2 = plane.ferry_json("restore", b["id"], "--name", "web-excl-restored")
-    assert list(restored_disks(plane, r2["restore_id"])) == [vm["disks"][0]]
+    assert list(plane.restored_disks(r2["restore_id"])) == [vm["disks"][0]]
 
 
 def test_pre_and_post_snapshot_commands(plane: Plane, lab: Lab) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from control.catalog import Catalog
 from lab.client import Lab
-from tests.control.backup_e2e_test import make_vm, restored_disks, same
+from tests.control.backup_e2e_test import make_vm, same
 from tests.control.plane import Plane
 
 MIB = 2**20
@@ -68,7 +68,7 @@ def mover_running(plane: Plane, backup_id: str, timeout: float = 30) -> int:
 def restore_and_compare(plane: Plane, lab: Lab, backup_id: str, vm: dict[str, Any]) -> None:
     r = plane.ferry_json("restore", backup_id, "--name", f"{vm['name']}-restored")
     assert r["state"] == "succeeded", r
-    new = restored_disks(plane, r["restore_id"])
+    new = plane.restored_disks(r["restore_id"])
     for d in vm["disks"]:
         assert same(lab.volume_paths(d)[-1], lab.volume_paths(new[d])[-1]), d
 
