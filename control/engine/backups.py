@@ -8,7 +8,7 @@ from typing import Any
 import ovirtsdk4.types as types
 
 from control.engine.base import EngineBase
-from control.errors import EngineConflict, EngineError, NotFound
+from control.errors import EngineConflict, EngineError, EngineUnreachable, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -64,24 +64,36 @@ class BackupOps(EngineBase):
         disks = self.call("list backup disks", svc.list, "backup", backup_id)
         return {d.id: (d.backup_mode.value if d.backup_mode else "full") for d in disks}
 
-    def finalize_backup(self, vm_id: str, backup_id: str) -> str:
-        """Finalize a backup and wait for its end; returns the final phase. Idempotent."""
+    def finalize_backup(self, vm_id: str, backup_id: str, look_first: bool = True) -> str:
+        """Finalize a backup and wait for its end; returns the final phase. Idempotent.
+
+        ``look_first=False`` (the normal path: a backup known ready) sends finalize without looking at the
+        backup first, one engine round trip less; a refusal is then checked as the look would have been."""
         svc = self.backup_service(vm_id, backup_id)
-        try:
-            b = self.call("get backup", svc.get, "backup", backup_id)
-        except NotFound:
-            return "gone"
-        if b.phase not in _BACKUP_DONE and b.phase != types.BackupPhase.FINALIZING:
-            try:
-                self.call("finalize backup", svc.finalize, "backup", backup_id)
-            except (EngineConflict, NotFound):
-                pass  # finalizing or gone already: waiting below tells which
 
         def probe() -> Any:
             try:
                 return self.call("get backup", svc.get, "backup", backup_id)
             except NotFound:
                 return None
+
+        send = True
+        if look_first:
+            b = probe()
+            if b is None:
+                return "gone"
+            send = b.phase not in _BACKUP_DONE and b.phase != types.BackupPhase.FINALIZING
+        if send:
+            try:
+                self.call("finalize backup", svc.finalize, "backup", backup_id)
+            except (EngineConflict, NotFound):
+                pass  # finalizing or gone already: waiting below tells which
+            except EngineError as e:
+                if look_first or isinstance(e, EngineUnreachable):
+                    raise
+                b = probe()  # refused: fine if it ends or ended anyway (waited for below), an error otherwise
+                if b is not None and b.phase not in _BACKUP_DONE and b.phase != types.BackupPhase.FINALIZING:
+                    raise
 
         end = self.wait(f"finalize of backup {backup_id}", probe,
                         done=lambda b: b is None or b.phase in _BACKUP_DONE)

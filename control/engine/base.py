@@ -220,12 +220,17 @@ class EngineBase:
     def vms(self) -> list[Any]:
         return self.call("list vms", lambda: self.system.vms_service().list())
 
-    def find_vm(self, name_or_id: str) -> Any:
-        """The VM with this id or name (NotFound otherwise)."""
+    def find_vm(self, name_or_id: str, all_content: bool = False, follow: str | None = None) -> Any:
+        """The VM with this id or name (NotFound otherwise). A VM given by id can come with more in the same
+        round trip: ``all_content`` its OVF (``ovf_in``), ``follow`` linked objects inlined (the engine's
+        ``follow``, e.g. ``disk_attachments.disk`` for ``vm_disks(vm=...)``). A search by name asks for
+        neither (every match would bring them)."""
         vms = self.system.vms_service()
         if re.fullmatch(r"[0-9a-fA-F-]{36}", name_or_id):
             try:
-                return self.call("get vm", lambda: vms.vm_service(name_or_id).get(), "VM", name_or_id)
+                return self.call("get vm", lambda: vms.vm_service(name_or_id).get(all_content=all_content or None,
+                                                                                   follow=follow),
+                                 "VM", name_or_id)
             except NotFound:
                 pass
         found = self.call("search vm", lambda: vms.list(search=f"name={name_or_id}"))
@@ -240,13 +245,19 @@ class EngineBase:
     def vm_service(self, vm_id: str) -> Any:
         return self.system.vms_service().vm_service(vm_id)
 
-    def vm_disks(self, vm_id: str) -> list[DiskInfo]:
-        """The VM's disks with their attachment details, in attachment order."""
-        atts = self.call("list disk attachments",
-                         lambda: self.vm_service(vm_id).disk_attachments_service().list(), "VM", vm_id)
+    def vm_disks(self, vm_id: str, vm: Any = None) -> list[DiskInfo]:
+        """The VM's disks with their attachment details, in attachment order. ``vm``: the VM got with
+        ``follow="disk_attachments.disk"``, whose inlined attachments and disks save a request per disk and
+        one for the list; what it lacks (an engine that did not inline them) is asked for."""
+        # Without follow the SDK leaves an empty list with only a link: an empty list is asked for again.
+        atts = list(vm.disk_attachments or []) if vm is not None else []
+        if not atts:
+            atts = self.call("list disk attachments",
+                             lambda: self.vm_service(vm_id).disk_attachments_service().list(), "VM", vm_id)
         out = []
         for att in atts:
-            d = self.disk(att.disk.id)
+            inline = att.disk is not None and att.disk.provisioned_size is not None
+            d = att.disk if inline else self.disk(att.disk.id)
             out.append(_disk_info(d, att))
         return out
 
@@ -277,10 +288,10 @@ class EngineBase:
     def vm_ovf(self, vm_id: str) -> str:
         """The VM's OVF (``all_content`` brings it in ``initialization.configuration``)."""
         vm = self.call("get vm ovf", lambda: self.vm_service(vm_id).get(all_content=True), "VM", vm_id)
-        conf = vm.initialization.configuration if vm.initialization else None
-        if conf is None or not conf.data:
+        ovf = ovf_in(vm)
+        if ovf is None:
             raise EngineError(f"VM {vm.name} has no OVF configuration", url=self.url)
-        return str(conf.data)
+        return ovf
 
     def has_guest_agent(self, vm: Any) -> bool:
         """A running VM whose guest agent reports itself (the engine fills guest_operating_system then)."""
@@ -321,6 +332,12 @@ def poll_delay(delay: float, waited: float) -> float:
         return _POLL_FIRST
     cap = _POLL_SHORT if waited < _POLL_SHORT_FOR else _POLL_MAX
     return min(delay * 1.5, cap) if delay < cap else cap
+
+
+def ovf_in(vm: Any) -> str | None:
+    """The OVF a VM object carries when it was got with ``all_content`` (None otherwise)."""
+    conf = vm.initialization.configuration if vm.initialization else None
+    return str(conf.data) if conf is not None and conf.data else None
 
 
 def _disk_info(d: Any, att: Any = None) -> DiskInfo:

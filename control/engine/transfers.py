@@ -8,7 +8,7 @@ from typing import Any
 import ovirtsdk4.types as types
 
 from control.engine.base import EngineBase, Transfer
-from control.errors import EngineConflict, NotFound
+from control.errors import EngineConflict, EngineError, EngineUnreachable, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +64,18 @@ class TransferOps(EngineBase):
         return Transfer(id=t.id, transfer_url=t.transfer_url, proxy_url=t.proxy_url, phase=t.phase.value)
 
     def finalize_transfer(self, transfer_id: str) -> str:
-        """Finalize and wait for the end; returns the final phase ('gone' if it vanished). Idempotent."""
-        return self._end(transfer_id, "finalize")
+        """Finalize and wait for the end; returns the final phase ('gone' if it vanished). Idempotent.
+
+        The normal path (a transfer the mover is done with, still transferring): finalize is sent without
+        looking first, one engine round trip less per disk; a transfer that had ended anyway answers the
+        refusal with its end phase, as the look first would have."""
+        return self._end(transfer_id, "finalize", look_first=False)
 
     def cancel_transfer(self, transfer_id: str) -> str:
         """Cancel and wait for the end (clean-up path). Idempotent."""
         return self._end(transfer_id, "cancel")
 
-    def _end(self, transfer_id: str, action: str) -> str:
+    def _end(self, transfer_id: str, action: str, look_first: bool = True) -> str:
         svc = self.transfer_service(transfer_id)
 
         def probe() -> Any:
@@ -80,14 +84,25 @@ class TransferOps(EngineBase):
             except NotFound:
                 return None
 
-        t = probe()
-        if t is None:
-            return "gone"
-        if t.phase not in _ENDED:
+        send = True
+        if look_first:
+            t = probe()
+            if t is None:
+                return "gone"
+            send = t.phase not in _ENDED
+        if send:
             try:
                 self.call(f"{action} transfer", getattr(svc, action), "transfer", transfer_id)
             except (NotFound, EngineConflict):
-                pass  # ended meanwhile, or already finalizing
+                pass  # ended meanwhile (or gone), or already finalizing: waiting below tells which
+            except EngineError as e:
+                if look_first or isinstance(e, EngineUnreachable):
+                    raise
+                # Refused without a look first: an ended transfer is what a look would have found (waited
+                # for below); one still running refused it for a reason of its own.
+                t = probe()
+                if t is not None and t.phase not in _ENDED:
+                    raise
         end = self.wait(f"{action} of transfer {_short_id(transfer_id)}", probe,
                         done=lambda x: x is None or x.phase in _ENDED)
         phase = end.phase.value if end is not None else "gone"

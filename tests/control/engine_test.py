@@ -11,6 +11,7 @@ import time
 import pytest
 
 from control.engine import EngineClient, api_url, validate_user
+from control.engine.base import ovf_in
 from control.errors import AuthError, EngineUnreachable, NotFound, UsageError
 from control.natsd import free_port
 from lab.client import Lab
@@ -137,3 +138,30 @@ def test_reads_ride_out_an_outage_creates_do_not(lab: Lab) -> None:
                 relay.up()
     finally:
         relay.down()
+
+
+def test_one_vm_request_brings_its_ovf_and_disks(lab: Lab) -> None:
+    """What the backup flow's prepare step asks in one round trip equals what it used to ask in 2 + 1 per disk."""
+    vm = lab.create_vm("eng-follow", disks=[{"size": 16 * 2**20, "fill": 0.1, "backup": "incremental"},
+                                            {"size": 16 * 2**20, "fill": 0.1, "format": "raw", "sparse": False}],
+                       start=False, guest_agent=False)
+    with EngineClient(lab.url, lab.user, lab.password, lab.ca_file) as c:
+        full = c.find_vm(vm["id"], all_content=True, follow="disk_attachments.disk")
+        plain = c.find_vm(vm["id"])
+        assert ovf_in(full) == c.vm_ovf(vm["id"]) and ovf_in(plain) is None
+        inline = c.vm_disks(vm["id"], vm=full)
+        assert [d.id for d in inline] == vm["disks"]
+        assert inline == c.vm_disks(vm["id"]) == c.vm_disks(vm["id"], vm=plain)  # no inline disks: asked for
+        assert [d.incremental for d in inline] == [True, False]
+
+
+def test_finalize_without_a_look_first(lab: Lab) -> None:
+    """finalize_transfer sends finalize at once; a transfer that ended anyway still gives its end phase."""
+    vm = lab.create_vm("eng-final", disks=[{"size": 16 * 2**20, "fill": 0.1}], start=False, guest_agent=False)
+    with EngineClient(lab.url, lab.user, lab.password, lab.ca_file) as c:
+        t = c.start_transfer(vm["disks"][0], "download")
+        assert c.finalize_transfer(t.id) == "finished_success"
+        assert c.finalize_transfer(t.id) == "finished_success"  # ended already: the refusal is not an error
+        t = c.start_transfer(vm["disks"][0], "download")
+        assert c.cancel_transfer(t.id) == "cancelled_user"
+        assert c.finalize_transfer(t.id) in ("cancelled_user", "finished_failure")  # its end, not an error
