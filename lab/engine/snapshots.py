@@ -106,10 +106,7 @@ def register(e: Engine) -> None:
     def snap_disks(req: Request, id: str, sid: str) -> Reply:
         s = snap(id, sid)
         out = []
-        for did, vol in s["disks"].items():
-            d = e.state.coll("disks").get(did)
-            if d is None or not vol:
-                continue
+        for d, vol in _volumes(e, s):
             ds = disks_mod.disk_obj(e, d)
             ds.image_id = vol
             ds.snapshot = types.Snapshot(id=sid)
@@ -189,10 +186,8 @@ def _create(e: Engine, s: dict[str, Any]) -> None:
 
 def _remove(e: Engine, s: dict[str, Any]) -> None:
     v = e.state.coll("vms")[s["vm"]]
-    for did, vol in s["disks"].items():
-        d = e.state.coll("disks").get(did)
-        if d is None or not vol:
-            continue
+    for d, vol in _volumes(e, s):
+        did = d["id"]
         dom = e.backend.domains[d["sd"]]
         child = dom.merge(did, vol)
         # The snapshot's volume takes its child's place (and id role): as vdsm's merge leaves it.
@@ -207,3 +202,9 @@ def _remove(e: Engine, s: dict[str, Any]) -> None:
     e.state.coll("snapshots").pop(s["id"], None)
     e.state.add_event(f"Snapshot '{s['description']}' deletion for VM '{v['name']}' has been completed.",
                       code=356, vm=v["id"])
+
+
+def _volumes(e: Engine, s: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    """(disk, volume) of each disk of the snapshot that still exists and has its layer made."""
+    disks = e.state.coll("disks")
+    return [(disks[did], vol) for did, vol in s["disks"].items() if did in disks and vol]
