@@ -2,5 +2,6 @@
 
 Modules: ``http`` (TLS server and routing), ``state`` (the model, persisted as JSON), ``sso`` (tokens),
 ``xml`` (SDK objects to and from XML), ``app`` (the engine: glue, background worker, backend calls), and one
-module per group of collections (``system``, ``vms``, ``disks``, ``snapshots``, ``backups``, ``transfers``).
+module per group of collections (``system``, ``vms``, ``disks``, ``snapshots``, ``backups``, ``transfers``);
+``phases`` holds the background stepping that ``snapshots`` and ``backups`` share.
 """
