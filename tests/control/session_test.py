@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from control import config as configmod
+from control.catalog import Catalog
+from control.client import bus_options
 from control.engine import EngineClient, api_url
 from control.engine.base import poll_delay
 from control.engine.session import EngineSessions
 from control.errors import AuthError
 from control.flows.base import run_all
+from control.natsd import free_port
+from control.service import ControlPlane
 from lab.client import Lab
 
 
@@ -144,3 +150,25 @@ def test_run_all_runs_everything_at_once_whatever_fails() -> None:
     assert time.monotonic() - t0 < 1.2  # at once, not 1.5 s one after the other
     assert sorted(ran) == ["a", "b", "c"]
     assert [(n, str(e)) for n, e in failures] == [("a", "a broke"), ("c", "c broke")]
+
+
+def test_control_plane_logs_in_at_start(lab: Lab, tmp_path: Path) -> None:
+    """The first backup after a start finds its engine logged in; an engine that does not answer is skipped."""
+    cfg = configmod.load(str(tmp_path / "data"), None, "nats://127.0.0.1:1", None)
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    pw = tmp_path / "pw"
+    pw.write_text(lab.password)
+    try:
+        good = cat.add_engine(api_url(lab.url), lab.user, str(pw), lab.ca_file)
+        dead = cat.add_engine(f"https://127.0.0.1:{free_port()}/ovirt-engine/api", lab.user, str(pw), lab.ca_file)
+        plane = ControlPlane(cfg, cat, bus_options(cfg, "nats://127.0.0.1:1", "test"))
+        plane.warm_sessions()
+        session = plane.sessions.get(good.id, api_url(lab.url), lab.user, lab.password, lab.ca_file)
+        assert session.logins == 1 and session.version is not None
+        with plane._client(good) as c:  # the first flow's client: no second login
+            assert c.find_vm("ferry-proxy").name == "ferry-proxy"
+        assert session.logins == 1
+        assert plane.sessions.get(dead.id, dead.url, lab.user, lab.password, lab.ca_file).logins == 0
+        plane.sessions.close()
+    finally:
+        cat.close()
