@@ -306,8 +306,20 @@ class BackupFlow(Flow):
     def export(self) -> None:
         jobs: list[ExportJob] = []
         by_job: dict[str, DiskPlan] = {}
+        sources: dict[str, dict[str, Any]] = {}
+
+        def start(flow: BackupFlow, plan: DiskPlan) -> None:
+            sources[plan.disk.id] = self.mode.prepare_export(flow, plan)
+
+        # The disks' transfers start at once (each a create and a wait until transferring on the engine): one
+        # disk's wait no longer adds to the next one's. Every start runs to its end; the first failure then
+        # fails the step, and clean-up cancels the transfers that did start.
+        not_started = run_all([(f"start transfer {plan.disk.alias}", bound(start, self, plan))
+                               for plan in self.plans.values()])
+        if not_started:
+            raise not_started[0][1]
         for plan in self.plans.values():
-            source = self.mode.prepare_export(self, plan)
+            source = sources[plan.disk.id]
             job = ExportJob(
                 job_id=f"exp-{self.id}-{plan.disk.id}", backup_id=self.id, disk_id=plan.disk.id, store=self.store,
                 source=source, base=plan.base,

@@ -135,21 +135,38 @@ class RestoreFlow(Flow):
             self.vm_id = vm_id
             self.on_failure("remove restored VM", lambda: c.remove_vm(vm_id))
         for d in self.disks:
-            sd = self.sd_id or d.get("storage_domain")
-            if not sd:
+            if not (self.sd_id or d.get("storage_domain")):
                 raise UsageError(f"disk {d['alias']}: no storage domain recorded: give --storage-domain")
-            alias = d["alias"] if not self.only_disks else f"{d['alias']}-restored"
-            new_id_ = c.create_disk(alias, int(d["size"]), d["format"], bool(d.get("sparse", True)), sd,
-                                    incremental=bool(d.get("incremental")))
-            self.new_disks[d["disk_id"]] = new_id_
-            self.on_failure(f"remove restored disk {alias}", _remover(c.remove_disk, new_id_))
+
+        def create(flow: RestoreFlow, d: dict[str, Any]) -> None:
+            alias = d["alias"] if not flow.only_disks else f"{d['alias']}-restored"
+            new_id_ = c.create_disk(alias, int(d["size"]), d["format"], bool(d.get("sparse", True)),
+                                    flow.sd_id or d["storage_domain"], incremental=bool(d.get("incremental")))
+            flow.new_disks[d["disk_id"]] = new_id_
+            flow.on_failure(f"remove restored disk {alias}", _remover(c.remove_disk, new_id_))
+
+        # The disks are created at once (each a create and a wait until ok on the engine), as the transfers
+        # below are started and ended: the time is the slowest disk's, not the sum. Every creation runs to its
+        # end; the first failure then fails the step, and clean-up removes the disks that were made.
+        failures = run_all([(f"create disk {d['alias']}", bound(create, self, d)) for d in self.disks])
+        if failures:
+            raise failures[0][1]
 
     def upload(self) -> None:
         jobs: list[RestoreJob] = []
         by_job: dict[str, str] = {}
+        sinks: dict[str, dict[str, Any]] = {}
+
+        def start(flow: RestoreFlow, d: dict[str, Any]) -> None:
+            sinks[d["disk_id"]] = self.mode.prepare_restore(flow, flow.new_disks[d["disk_id"]], int(d["size"]))
+
+        # The uploads start at once (see BackupFlow.export); clean-up cancels those that started.
+        started = run_all([(f"start upload {d['alias']}", bound(start, self, d)) for d in self.disks])
+        if started:
+            raise started[0][1]
         for d in self.disks:
             new = self.new_disks[d["disk_id"]]
-            sink = self.mode.prepare_restore(self, new, int(d["size"]))
+            sink = sinks[d["disk_id"]]
             job = RestoreJob(job_id=f"rst-{self.id}-{d['disk_id']}", restore_id=self.id, disk_id=new,
                              store=self.backup.store, store_backup_id=d["store_backup_id"], sink=sink)
             jobs.append(job)
