@@ -6,6 +6,7 @@ Expected failures (``FerryError``) print one line and exit with the error's code
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import os
@@ -55,8 +56,30 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose process may skip the interpreter's final garbage collections (see ``_quick_exit``).
+QUICK_EXIT = frozenset({"backup", "restore"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    as_program = argv is None  # the console script or ``python -m control.cli``; tests pass argv
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(argv)
+    finally:
+        if as_program and next((a for a in argv if not a.startswith("-")), None) in QUICK_EXIT:
+            _quick_exit()
+
+
+def _quick_exit() -> None:
+    """Let the process end without the interpreter's final garbage collections, which walk every object the
+    imports made (nats, asyncio, ...): ~60 ms of every ``ferry backup``'s exit on this machine, ~10 ms
+    after ``gc.freeze()`` (measured by helper h11). The command's work is done by then: its output printed
+    (standard streams are still flushed at exit), its NATS connection closed, and nothing of it relies on a
+    collection at exit (which Python does not promise anyway)."""
+    gc.freeze()
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
