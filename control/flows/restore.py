@@ -161,9 +161,9 @@ class RestoreFlow(Flow):
             sinks[d["disk_id"]] = self.mode.prepare_restore(flow, flow.new_disks[d["disk_id"]], int(d["size"]))
 
         # The uploads start at once (see BackupFlow.export); clean-up cancels those that started.
-        started = run_all([(f"start upload {d['alias']}", bound(start, self, d)) for d in self.disks])
-        if started:
-            raise started[0][1]
+        not_started = run_all([(f"start upload {d['alias']}", bound(start, self, d)) for d in self.disks])
+        if not_started:
+            raise not_started[0][1]
         for d in self.disks:
             new = self.new_disks[d["disk_id"]]
             sink = sinks[d["disk_id"]]
