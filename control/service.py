@@ -28,7 +28,7 @@ from control.config import Config
 from control.engine import EngineClient, api_url
 from control.engine.session import EngineSessions
 from control.errors import FerryError, NotFound, UsageError
-from control.flows.backup import BackupFlow, BackupRequest, default_client
+from control.flows.backup import VM_DETAILS, BackupFlow, BackupRequest, default_client
 from control.flows.base import Flow
 from control.flows.restore import RestoreFlow, RestoreRequest
 from mover import bus as mbus
@@ -178,10 +178,10 @@ class ControlPlane:
                                 exclude=list(extras.get("exclude") or []), freeze=bool(extras.get("freeze", True)))
             # Expected failures (wrong password, unreachable engine, missing VM) answer the trigger itself,
             # so `ferry backup` prints them as one line with the right exit code.
-            engine, req.vm = await asyncio.to_thread(self._locate_vm, trig.vm, extras.get("engine"))
-            vm_name = self.catalog.vm_name(req.vm) or trig.vm
+            engine, vm = await asyncio.to_thread(self._locate_vm, trig.vm, extras.get("engine"))
+            req.vm = str(vm.id)
             flow = BackupFlow(req, self.catalog, engine, self, self.cfg.store_url, self.cfg.job_timeout,
-                              client_factory=self._client, hooks=self.cfg.hooks_for(vm_name))
+                              client_factory=self._client, hooks=self.cfg.hooks_for(vm.name), vm=vm)
         except FerryError as e:
             await self._reply(msg, {"error": str(e), "exit_code": e.exit_code})
             return
@@ -211,12 +211,13 @@ class ControlPlane:
         self._spawn(flow)
         await self._reply(msg, {"restore_id": flow.id})
 
-    def _resolve_vm(self, engine: Engine, vm: str) -> str:
-        """The id of VM ``vm`` (name or id) on ``engine``; NotFound, AuthError, EngineUnreachable otherwise."""
+    def _resolve_vm(self, engine: Engine, vm: str) -> Any:
+        """VM ``vm`` (name or id) on ``engine``, with what the backup flow needs of it (``VM_DETAILS``: the
+        flow does not ask again); NotFound, AuthError, EngineUnreachable otherwise."""
         with self._client(engine) as c:
-            found = c.find_vm(vm)
+            found = c.find_vm(vm, **VM_DETAILS)
         self.catalog.record_vm(engine.id, found.id, found.name)
-        return str(found.id)
+        return found
 
     def _client(self, engine: Engine) -> EngineClient:
         """A client of ``engine`` on the control plane's shared session of that engine."""
@@ -224,8 +225,8 @@ class ControlPlane:
         session = self.sessions.get(engine.id, api_url(engine.url), engine.user, password, engine.ca_file)
         return default_client(engine, timeout=self.cfg.engine_timeout, session=session, password=password)
 
-    def _locate_vm(self, vm: str, engine: str | None = None) -> tuple[Engine, str]:
-        """The engine holding VM ``vm`` and the VM's id: the named engine, else the engine the catalog knows
+    def _locate_vm(self, vm: str, engine: str | None = None) -> tuple[Engine, Any]:
+        """The engine holding VM ``vm`` and the VM (``_resolve_vm``): the named engine, else the engine the catalog knows
         the VM from, else every engine in turn. One engine's failure is raised when no engine has the VM."""
         # Engines removed from the catalog (by `ferry engine remove`, another process) lose their session.
         self.sessions.retain({e.id for e in self.catalog.engines()})

@@ -221,10 +221,10 @@ class EngineBase:
         return self.call("list vms", lambda: self.system.vms_service().list())
 
     def find_vm(self, name_or_id: str, all_content: bool = False, follow: str | None = None) -> Any:
-        """The VM with this id or name (NotFound otherwise). A VM given by id can come with more in the same
-        round trip: ``all_content`` its OVF (``ovf_in``), ``follow`` linked objects inlined (the engine's
-        ``follow``, e.g. ``disk_attachments.disk`` for ``vm_disks(vm=...)``). A search by name asks for
-        neither (every match would bring them)."""
+        """The VM with this id or name (NotFound otherwise). It can come with more in the same round trip:
+        ``all_content`` its OVF (``ovf_in``), ``follow`` linked objects inlined (the engine's ``follow``, e.g.
+        ``disk_attachments.disk`` for ``vm_disks(vm=...)``); a search by name (an exact name: one match as a
+        rule) brings them for each match."""
         vms = self.system.vms_service()
         if re.fullmatch(r"[0-9a-fA-F-]{36}", name_or_id):
             try:
@@ -233,7 +233,8 @@ class EngineBase:
                                  "VM", name_or_id)
             except NotFound:
                 pass
-        found = self.call("search vm", lambda: vms.list(search=f"name={name_or_id}"))
+        found = self.call("search vm", lambda: vms.list(search=f"name={name_or_id}", all_content=all_content or None,
+                                                        follow=follow))
         found = [v for v in found if v.name == name_or_id]
         if not found:
             raise NotFound(kind="VM", name=name_or_id)

@@ -45,6 +45,9 @@ SNAPSHOT_PREFIX = "ferry backup"  # description of the snapshots Ferry takes: on
 # Off: the new snapshot is read in full and only changed blocks are stored.
 SHALLOW_LAYER_READS = True
 HOOK_TIMEOUT = 300  # seconds for a pre/post-snapshot command: quiescing an application, not a backup of it
+# What the flow asks with the VM (``EngineBase.find_vm``): its OVF and its disks inlined, so the VM, its
+# configuration and its disks come in one engine round trip instead of 3 + one per disk.
+VM_DETAILS: dict[str, Any] = {"all_content": True, "follow": "disk_attachments.disk"}
 
 
 @dataclass
@@ -73,7 +76,9 @@ class BackupFlow(Flow):
 
     def __init__(self, req: BackupRequest, catalog: Catalog, engine: Engine, dispatcher: Dispatcher,
                  store: str, job_timeout: float = 6 * 3600, client_factory: ClientFactory = default_client,
-                 hooks: dict[str, str] | None = None) -> None:
+                 hooks: dict[str, str] | None = None, vm: Any = None) -> None:
+        """``vm``: the VM as the caller just got it with ``VM_DETAILS`` (the control plane's trigger, which
+        looks it up to answer a missing VM at once), so that the flow does not ask for it again."""
         super().__init__(req.backup_id)
         if req.type not in ("full", "incremental"):
             raise UsageError(f"backup type {req.type!r} is not full or incremental")
@@ -88,6 +93,7 @@ class BackupFlow(Flow):
         self.mode = get_mode(req.mode)
         self.client = client_factory(engine)
         self.vm: Any = None
+        self._found_vm = vm
         self.disks: list[DiskInfo] = []
         self.plans: dict[str, DiskPlan] = {}
         self.method = req.method or "checkpoint"
@@ -140,9 +146,7 @@ class BackupFlow(Flow):
 
     def prepare(self) -> None:
         c = self.client.connect()
-        # By id (as the trigger resolved it), with its OVF and its disks inlined: the VM, its configuration and
-        # its disks in one engine round trip instead of 3 + one per disk.
-        self.vm = c.find_vm(self.req.vm, all_content=True, follow="disk_attachments.disk")
+        self.vm = self._found_vm if self._found_vm is not None else c.find_vm(self.req.vm, **VM_DETAILS)
         vm_id = self.vm.id
         self.catalog.record_vm(self.engine.id, vm_id, self.vm.name)
         # In the catalog from the start: a backup that fails early is listed with its error too.

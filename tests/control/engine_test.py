@@ -153,6 +153,10 @@ def test_one_vm_request_brings_its_ovf_and_disks(lab: Lab) -> None:
         assert [d.id for d in inline] == vm["disks"]
         assert inline == c.vm_disks(vm["id"]) == c.vm_disks(vm["id"], vm=plain)  # no inline disks: asked for
         assert [d.incremental for d in inline] == [True, False]
+        # By name (a search) the same: what the control plane's trigger hands to the backup flow.
+        by_name = c.find_vm("eng-follow", all_content=True, follow="disk_attachments.disk")
+        assert by_name.id == vm["id"] and ovf_in(by_name) == ovf_in(full)
+        assert c.vm_disks(vm["id"], vm=by_name) == inline
 
 
 def test_finalize_without_a_look_first(lab: Lab) -> None:
