@@ -32,9 +32,17 @@ WRITEBACK_EVERY = 8 * 1024 * 1024
 
 
 class _PackWriter(pack.PackWriter):
-    """A pack writer whose records come with their header already built (by the calling thread)."""
+    """A pack writer whose records come with their header already built (by the calling thread).
+
+    Each worker thread appends to a pack of its own; ``lock`` is only there so that ``Writer.abort`` never
+    closes a pack under an append that another thread has not finished.
+    """
 
     _written_back = 0  # bytes of the pack already handed to the disk
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.lock = threading.Lock()
 
     def append_built(self, head: bytes, block_id: bytes, stored: bytes | bytearray | memoryview, raw_len: int,
                      flags: int) -> pack.Record:
@@ -59,16 +67,17 @@ class _PackWriter(pack.PackWriter):
 class Writer:
     """``mover.store.api.BlockWriter`` for one store. Thread-safe.
 
-    Compression and the record checksum run in the calling thread, appends under a short lock; a full pack is fsynced and
-    published by a background thread, outside the lock, so every worker keeps appending to a new pack
-    meanwhile; ``commit`` waits for every publish.
+    Compression, the record checksum and the append run in the calling thread, which has an open pack of
+    its own (so workers never wait for each other's writes; the writer's lock only guards the bookkeeping).
+    A full pack is fsynced and published by a background thread, so its worker goes on with a new pack
+    meanwhile; ``commit`` publishes the open packs and waits for every publish.
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # signalled when a publish in flight ends
-        self._pack: _PackWriter | None = None
+        self._open: dict[int, _PackWriter] = {}  # thread id -> the pack that thread appends to
         # ids appended but not yet visible in the index -> their pack: bounded by two packs' worth of blocks
         self._pending: dict[bytes, str] = {}
         self._publishing = 0
@@ -123,25 +132,39 @@ class Writer:
         # The record header and its checksum (a pass over the stored bytes) are built here, outside the
         # lock: under it only the append (one writev) and the bookkeeping, so the workers do not serialise.
         head = pack.RECORD.pack(block_id, len(stored), raw_len, flags, pack.checksum(stored))
-        full = None
+        tid = threading.get_ident()
         with self._lock:
             if self._error is not None:
                 raise self._error
             if block_id in self._pending:
                 return 0
-            if self._pack is None:
-                self._pack = _PackWriter(self.store.path)
-            try:
-                self._pack.append_built(head, block_id, stored, raw_len, flags)
-            except BaseException:
-                self._drop()
-                raise
-            self._pending[block_id] = self._pack.name
-            if self._pack.size >= self.store.config.pack_size:
-                full, self._pack = self._pack, None
-                self._publishing += 1
-        if full is not None:
-            self._publish_async(full)
+            p = self._open.get(tid)
+            if p is None:
+                p = self._open[tid] = _PackWriter(self.store.path)
+            # Claimed before the append, so another worker with the same block skips it meanwhile.
+            self._pending[block_id] = p.name
+        try:
+            with p.lock:
+                if self.closed:
+                    raise ValueError("writer is closed")
+                p.append_built(head, block_id, stored, raw_len, flags)
+        except BaseException as e:
+            with self._lock:
+                # Another worker may have counted this block as stored: nothing of this writer may be
+                # committed now, so the error sticks (the next add and the commit raise it).
+                self._error = self._error or e
+                if self._pending.get(block_id) == p.name:
+                    del self._pending[block_id]
+                self._drop(tid)
+            raise
+        if p.size >= self.store.config.pack_size:
+            with self._lock:
+                full = self._open.get(tid) is p
+                if full:
+                    del self._open[tid]
+                    self._publishing += 1
+            if full:
+                self._publish_async(p)
         return pack.RECORD.size + len(stored)
 
     def _publish_async(self, p: pack.PackWriter) -> None:
@@ -195,12 +218,14 @@ class Writer:
             if self._pending.get(r.id) == p.name:
                 del self._pending[r.id]
 
-    def _drop(self) -> None:
-        """Forget the open pack after a failure (caller holds the lock): nothing of it was published."""
-        if self._pack is not None:
-            self._pack.discard()
-            self._forget(self._pack)
-            self._pack = None
+    def _drop(self, tid: int | None = None) -> None:
+        """Forget thread ``tid``'s open pack, or every open pack (caller holds the lock): none was published."""
+        for t, p in list(self._open.items()):
+            if tid is None or t == tid:
+                with p.lock:  # an append in another thread ends first: its fd is closed after
+                    p.discard()
+                self._forget(p)
+                del self._open[t]
 
     def commit(self) -> None:
         """Make every block added so far durable and visible to every process.
@@ -209,11 +234,14 @@ class Writer:
         per backup rather than one per pack (prune merges what remains across backups).
         """
         with self._lock:
-            last, self._pack = self._pack, None
-            if last is not None:
-                self._publishing += 1
-        if last is not None:
-            self._publish(last)
+            last = list(self._open.values())
+            self._open.clear()
+            self._publishing += len(last)
+        for p in last:
+            try:
+                self._publish(p)
+            except BaseException:  # recorded in _error, raised below once nothing is in flight
+                pass
         with self._lock:
             while self._publishing:
                 self._idle.wait()
