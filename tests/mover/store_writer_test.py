@@ -90,3 +90,73 @@ def test_checksum_is_computed_outside_the_lock(store: Store, monkeypatch: pytest
     monkeypatch.undo()
     report = store.check(read_data=True)
     assert report["ok"] and not report["problems"], report
+
+
+def test_same_blocks_from_many_threads_are_stored_once(store: Store) -> None:
+    """Each worker appends to a pack of its own; a block claimed by one is skipped by the others."""
+    w = store.writer()
+    items = [(store.block_id(block(i)), block(i)) for i in range(40)]
+    written: list[int] = []
+    barrier = threading.Barrier(4)
+
+    def work(seed: int) -> None:
+        part = items[:]
+        random.Random(seed).shuffle(part)
+        barrier.wait()
+        written.append(sum(w.add(bid, data) for bid, data in part))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    w.commit()
+    one_copy = sum(pack.RECORD.size + len(r) for r in _stored_records(store))
+    assert sum(written) == one_copy
+    assert sorted(r for r in _record_ids(store)) == sorted(bid for bid, _ in items)  # each id once
+    for bid, data in items:
+        assert store.read_block(bid) == data
+
+
+def test_a_failed_append_fails_the_commit(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An append that fails (here ENOSPC on the 7th) sticks: the next adds and the commit raise it, since
+    another worker may already have counted that block as stored."""
+    w = store.writer()
+    calls = []
+    real = writer_mod._PackWriter.append_built
+
+    def flaky(self: writer_mod._PackWriter, *args: object, **kw: object) -> pack.Record:
+        calls.append(w._lock.locked())
+        if len(calls) == 7:
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer_mod._PackWriter, "append_built", flaky)
+    with pytest.raises(OSError):
+        for i in range(20):
+            data = block(i)
+            w.add(store.block_id(data), data)
+    assert calls == [False] * 7  # appends run outside the writer's lock
+    with pytest.raises(OSError):
+        w.add(store.block_id(block(30)), block(30))
+    with pytest.raises(OSError):
+        w.commit()
+    w.abort()
+    assert not list(Path(store.path, "packs").rglob("*.pack"))  # nothing of it published
+    assert not list(Path(store.path, "tmp").iterdir())
+
+
+def _stored_records(store: Store) -> Iterator[bytes]:
+    for p in Path(store.path, "packs").rglob("*.pack"):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            for rec in pack.scan(str(p), store.path):
+                yield pack.read_record(fd, rec.offset, rec.stored_len, str(p), store.path)[3]
+        finally:
+            os.close(fd)
+
+
+def _record_ids(store: Store) -> Iterator[bytes]:
+    for p in Path(store.path, "packs").rglob("*.pack"):
+        for rec in pack.scan(str(p), store.path):
+            yield rec.id
