@@ -34,8 +34,8 @@ WRITEBACK_EVERY = 8 * 1024 * 1024
 class _PackWriter(pack.PackWriter):
     """A pack writer whose records come with their header already built (by the calling thread).
 
-    Each worker thread appends to a pack of its own; ``lock`` is only there so that ``Writer.abort`` never
-    closes a pack under an append that another thread has not finished.
+    One thread at a time appends to it (the writer hands out open packs one per caller); ``lock`` is only
+    there so that ``Writer.abort`` never closes a pack under an append another thread has not finished.
     """
 
     _written_back = 0  # bytes of the pack already handed to the disk
@@ -67,8 +67,10 @@ class _PackWriter(pack.PackWriter):
 class Writer:
     """``mover.store.api.BlockWriter`` for one store. Thread-safe.
 
-    Compression, the record checksum and the append run in the calling thread, which has an open pack of
-    its own (so workers never wait for each other's writes; the writer's lock only guards the bookkeeping).
+    Compression, the record checksum and the append run in the calling thread, on an open pack no other
+    thread is appending to: a free one, or a new one when all are in use (so workers never wait for each
+    other's writes, and a backup whose workers seldom meet, such as a small incremental, fills one pack).
+    The writer's lock only guards the bookkeeping.
     A full pack is fsynced and published by a background thread, so its worker goes on with a new pack
     meanwhile; ``commit`` publishes the open packs and waits for every publish.
     """
@@ -77,7 +79,8 @@ class Writer:
         self.store = store
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # signalled when a publish in flight ends
-        self._open: dict[int, _PackWriter] = {}  # thread id -> the pack that thread appends to
+        self._open: list[_PackWriter] = []  # unpublished packs, in use or free
+        self._free: list[_PackWriter] = []  # open packs no thread is appending to (last used first)
         # ids appended but not yet visible in the index -> their pack: bounded by two packs' worth of blocks
         self._pending: dict[bytes, str] = {}
         self._publishing = 0
@@ -132,15 +135,16 @@ class Writer:
         # The record header and its checksum (a pass over the stored bytes) are built here, outside the
         # lock: under it only the append (one writev) and the bookkeeping, so the workers do not serialise.
         head = pack.RECORD.pack(block_id, len(stored), raw_len, flags, pack.checksum(stored))
-        tid = threading.get_ident()
         with self._lock:
             if self._error is not None:
                 raise self._error
             if block_id in self._pending:
                 return 0
-            p = self._open.get(tid)
-            if p is None:
-                p = self._open[tid] = _PackWriter(self.store.path)
+            if self._free:
+                p = self._free.pop()
+            else:
+                p = _PackWriter(self.store.path)
+                self._open.append(p)
             # Claimed before the append, so another worker with the same block skips it meanwhile.
             self._pending[block_id] = p.name
         try:
@@ -155,16 +159,19 @@ class Writer:
                 self._error = self._error or e
                 if self._pending.get(block_id) == p.name:
                     del self._pending[block_id]
-                self._drop(tid)
+                self._drop(p)
             raise
-        if p.size >= self.store.config.pack_size:
-            with self._lock:
-                full = self._open.get(tid) is p
-                if full:
-                    del self._open[tid]
+        full = False
+        with self._lock:
+            if p in self._open:  # else dropped by an abort meanwhile
+                if p.size >= self.store.config.pack_size:
+                    self._open.remove(p)
                     self._publishing += 1
-            if full:
-                self._publish_async(p)
+                    full = True
+                else:
+                    self._free.append(p)
+        if full:
+            self._publish_async(p)
         return pack.RECORD.size + len(stored)
 
     def _publish_async(self, p: pack.PackWriter) -> None:
@@ -218,14 +225,16 @@ class Writer:
             if self._pending.get(r.id) == p.name:
                 del self._pending[r.id]
 
-    def _drop(self, tid: int | None = None) -> None:
-        """Forget thread ``tid``'s open pack, or every open pack (caller holds the lock): none was published."""
-        for t, p in list(self._open.items()):
-            if tid is None or t == tid:
+    def _drop(self, which: _PackWriter | None = None) -> None:
+        """Forget open pack ``which``, or every open pack (caller holds the lock): none was published."""
+        for p in list(self._open):
+            if which is None or p is which:
                 with p.lock:  # an append in another thread ends first: its fd is closed after
                     p.discard()
                 self._forget(p)
-                del self._open[t]
+                self._open.remove(p)
+                if p in self._free:
+                    self._free.remove(p)
 
     def commit(self) -> None:
         """Make every block added so far durable and visible to every process.
@@ -234,8 +243,9 @@ class Writer:
         per backup rather than one per pack (prune merges what remains across backups).
         """
         with self._lock:
-            last = list(self._open.values())
+            last = self._open[:]
             self._open.clear()
+            self._free.clear()
             self._publishing += len(last)
         for p in last:
             try:

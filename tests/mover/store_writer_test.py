@@ -160,3 +160,26 @@ def _record_ids(store: Store) -> Iterator[bytes]:
     for p in Path(store.path, "packs").rglob("*.pack"):
         for rec in pack.scan(str(p), store.path):
             yield rec.id
+
+
+def test_workers_that_do_not_meet_fill_one_pack(store: Store) -> None:
+    """Open packs are handed out free one first: two workers taking turns (a small incremental's
+    pattern) share one pack instead of leaving one small pack each."""
+    w = store.writer()
+    turn = threading.Lock()
+
+    def work(part: range) -> None:
+        for i in part:
+            with turn:
+                data = block(i)
+                w.add(store.block_id(data), data)
+
+    threads = [threading.Thread(target=work, args=(range(k, 10, 2),)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    w.commit()
+    assert len(list(Path(store.path, "packs").rglob("*.pack"))) == 1
+    for i in range(10):
+        assert store.read_block(store.block_id(block(i))) == block(i)
