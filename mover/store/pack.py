@@ -74,9 +74,14 @@ class PackWriter:
 
     def append(self, block_id: bytes, stored: bytes | bytearray | memoryview, raw_len: int, flags: int) -> Record:
         """Append one record; raises ``StoreFull``/``StoreError`` (the pack is then unusable)."""
+        return self.append_record(RECORD.pack(block_id, len(stored), raw_len, flags, checksum(stored)),
+                                  block_id, stored, raw_len, flags)
+
+    def append_record(self, head: bytes, block_id: bytes, stored: bytes | bytearray | memoryview, raw_len: int,
+                      flags: int) -> Record:
+        """``append`` with ``head``, the record's ``RECORD`` header (checksum included), already built."""
         assert self._fd is not None
         rec = Record(block_id, self.size, len(stored), raw_len, flags)
-        head = RECORD.pack(block_id, len(stored), raw_len, flags, checksum(stored))
         try:
             n = os.writev(self._fd, [head, stored])  # one syscall, no copy of the block
             if n < len(head) + len(stored):  # short write (rare on regular files): finish the rest

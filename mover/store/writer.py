@@ -8,7 +8,6 @@ Two writers storing the same new block at once both keep it; prune drops the ext
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import TYPE_CHECKING
 
@@ -46,19 +45,12 @@ class _PackWriter(pack.PackWriter):
 
     def append_built(self, head: bytes, block_id: bytes, stored: bytes | bytearray | memoryview, raw_len: int,
                      flags: int) -> pack.Record:
-        """``append`` with ``head`` = ``pack.RECORD`` of this record (checksum included), made by the caller."""
+        """``append`` with ``head`` = ``pack.RECORD`` of this record (checksum included), made by the caller;
+        the pack's new data goes to the disk every ``WRITEBACK_EVERY`` bytes."""
         assert self._fd is not None
-        rec = pack.Record(block_id, self.size, len(stored), raw_len, flags)
-        try:
-            n = os.writev(self._fd, [head, stored])  # one syscall, no copy of the block
-            if n < len(head) + len(stored):  # short write (rare on regular files): finish the rest
-                fsutil.write_all(self._fd, (head + bytes(stored))[n:])
-        except OSError as e:
-            raise fsutil.store_error(e, self.root, f"cannot write pack {self.name}") from e
-        self.size += pack.RECORD.size + len(stored)
-        self.records.append(rec)
+        rec = self.append_record(head, block_id, stored, raw_len, flags)
         if self.size - self._written_back >= WRITEBACK_EVERY:
-            # Advisory and non-blocking (the caller holds the writer's lock): an error here shows at fsync.
+            # Advisory and non-blocking: an error here shows at the fsync.
             kernels.start_writeback(self._fd, self._written_back, self.size - self._written_back)
             self._written_back = self.size
         return rec
