@@ -134,10 +134,7 @@ def register(e: Engine) -> None:
             raise HttpError(409, "Cannot remove checkpoint. Only the root checkpoint can be removed.")
         if any(b["vm"] == id and b["phase"] not in ("succeeded", "failed") for b in e.state.coll("backups").values()):
             raise HttpError(409, "Cannot remove checkpoint. VM backup is in progress.")
-        for did in c["disks"]:
-            d = e.state.coll("disks").get(did)
-            if d is not None:
-                e.backend.domains[d["sd"]].remove_bitmap_chain(did, d["image"], cid)
+        drop_bitmaps(e, c)
         for other in e.state.coll("checkpoints").values():
             if other.get("parent") == cid:
                 other["parent"] = None
@@ -271,3 +268,11 @@ def _stop(e: Engine, b: dict[str, Any]) -> None:
     shutil.rmtree(e.dir / "backups" / b["id"], ignore_errors=True)
     b["exports"] = {}
     _ = Path
+
+
+def drop_bitmaps(e: Engine, c: dict[str, Any]) -> None:
+    """Remove checkpoint ``c``'s bitmap from every volume of each of its disks that still exists."""
+    for did in c["disks"]:
+        d = e.state.coll("disks").get(did)
+        if d is not None:
+            e.backend.domains[d["sd"]].remove_bitmap_chain(did, d["image"], c["id"])

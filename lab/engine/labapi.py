@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ovirtsdk4 import types
 
 from lab import qemu
+from lab.engine import backups as backups_mod
 from lab.engine import disks as disks_mod
 from lab.engine import vms as vms_mod
 from lab.engine.http import HttpError, Reply, Request, json_reply
@@ -201,8 +202,4 @@ def _host_down(e: Engine, key: str, down: bool) -> None:
 
 def _break_checkpoint(e: Engine, cid: str) -> None:
     """The checkpoint stays listed but its bitmap is gone from every disk (as after an unclean shutdown)."""
-    c = e.state.get("checkpoints", cid, "Checkpoint")
-    for did in c["disks"]:
-        d = e.state.coll("disks").get(did)
-        if d is not None:
-            e.backend.domains[d["sd"]].remove_bitmap_chain(did, d["image"], cid)
+    backups_mod.drop_bitmaps(e, e.state.get("checkpoints", cid, "Checkpoint"))
