@@ -25,6 +25,7 @@ from control import config as configmod
 from control.catalog import Catalog
 from control.config import Config
 from control.errors import UsageError
+from control.procs import stop as stop_processes
 from mover import jobs
 
 URL_FILE = "url"  # in <data_dir>/nats: the URL of the embedded server, for the CLI commands that follow
@@ -381,15 +382,7 @@ def _run_plane(cfg: Config, movers: int, workers: int) -> int:
         plane = service.ControlPlane(cfg, cat, client.bus_options(cfg, url, "ferry-control"))
         asyncio.run(_serve_until_signal(plane))
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(procs, 20)
         if server is not None:
             server.stop()
             url_file.unlink(missing_ok=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from control.natsd import NatsServer
+from control.procs import stop
 from lab.errors import LabError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,17 +154,3 @@ class Plane:
         self.movers = []
         self.control = None
         self.nats.stop()
-
-
-def stop(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
-    """SIGTERM every process still running, wait up to ``timeout`` for each, kill those that did not exit."""
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            # An idle mover or control plane exits at once; a busy one finishes its fetch first, then is killed.
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
