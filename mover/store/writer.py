@@ -47,9 +47,8 @@ class _PackWriter(pack.PackWriter):
                      flags: int) -> pack.Record:
         """``append`` with ``head`` = ``pack.RECORD`` of this record (checksum included), made by the caller;
         the pack's new data goes to the disk every ``WRITEBACK_EVERY`` bytes."""
-        assert self._fd is not None
         rec = self.append_record(head, block_id, stored, raw_len, flags)
-        if self.size - self._written_back >= WRITEBACK_EVERY:
+        if self.size - self._written_back >= WRITEBACK_EVERY and self._fd is not None:
             # Advisory and non-blocking: an error here shows at the fsync.
             kernels.start_writeback(self._fd, self._written_back, self.size - self._written_back)
             self._written_back = self.size
@@ -73,7 +72,8 @@ class Writer:
         self._idle = threading.Condition(self._lock)  # signalled when a publish in flight ends
         self._open: list[_PackWriter] = []  # unpublished packs, in use or free
         self._free: list[_PackWriter] = []  # open packs no thread is appending to (last used first)
-        # ids appended but not yet visible in the index -> their pack: bounded by two packs' worth of blocks
+        # ids appended but not yet visible in the index -> their pack: bounded by the open packs (one per
+        # worker at most) and the MAX_PUBLISHING + 1 packs being published
         self._pending: dict[bytes, str] = {}
         self._publishing = 0
         self._error: BaseException | None = None  # a failed publish fails the commit
@@ -124,8 +124,8 @@ class Writer:
         flags = pack.FLAG_ZSTD
         if len(stored) >= raw_len:
             stored, flags = data, 0  # incompressible: keep it raw and skip decompression on restore
-        # The record header and its checksum (a pass over the stored bytes) are built here, outside the
-        # lock: under it only the append (one writev) and the bookkeeping, so the workers do not serialise.
+        # The record header and its checksum (a pass over the stored bytes) are built here, and the append
+        # below runs on a pack no other thread uses: the writer's lock covers only the bookkeeping.
         head = pack.RECORD.pack(block_id, len(stored), raw_len, flags, pack.checksum(stored))
         with self._lock:
             if self._error is not None:
@@ -309,8 +309,10 @@ class Writer:
     def abort(self) -> None:
         """Drop the blocks not yet committed (packs another thread is publishing become prune's garbage)."""
         with self._lock:
-            self._drop()
+            # Closed first: an add that checked out a pack before this sees it under the pack's lock once
+            # _drop has discarded the pack, and stops there.
             self.closed = True
+            self._drop()
             # Background publishes finish first: a pack published after the shared lock is gone could be
             # taken by a concurrent prune for an unindexed leftover just before its segment appears.
             while self._publishing:
