@@ -19,19 +19,12 @@ from mover.errors import StoreCorrupt, StoreFull
 from mover.store import Store, index, pack
 from mover.store.simple import backup_bytes, restore_bytes
 
-BS = 64 * 1024
+BS = 64 * 1024  # the block size of the ``store`` fixture (tests/mover/conftest.py)
 
 
 def image(blocks: int, seed: int) -> bytes:
     rnd = random.Random(seed)
     return b"".join(rnd.randbytes(BS // 2) + bytes(BS // 2) for _ in range(blocks))
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.init(str(tmp_path / "store"), block_size=BS, pack_size=1 << 20)
-    yield s
-    s.close()
 
 
 def packs(store: Store) -> list[Path]:

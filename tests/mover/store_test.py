@@ -6,7 +6,6 @@ import json
 import os
 import random
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,7 @@ from mover.store import config as cfg
 from mover.store import manifest as mf
 from mover.store.simple import backup_bytes, backup_file, restore_bytes, restore_file
 
-BS = 64 * 1024
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.init(str(tmp_path / "store"), block_size=BS, pack_size=1 << 20)
-    yield s
-    s.close()
+BS = 64 * 1024  # the block size of the ``store`` fixture (tests/mover/conftest.py)
 
 
 def image(blocks: int, seed: int = 1) -> bytearray:

@@ -13,14 +13,7 @@ import pytest
 from mover.store import Store, pack
 from mover.store import writer as writer_mod
 
-BS = 64 * 1024
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.init(str(tmp_path / "store"), block_size=BS, pack_size=1 << 20)
-    yield s
-    s.close()
+BS = 64 * 1024  # the block size of the ``store`` fixture (tests/mover/conftest.py)
 
 
 def block(i: int) -> bytes:
