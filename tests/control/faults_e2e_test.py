@@ -28,9 +28,11 @@ def faults(lab: Lab) -> Iterator[Lab]:
 
 def engine_state(lab: Lab, vm_id: str) -> dict[str, Any]:
     with EngineClient(lab.url, lab.user, lab.password, lab.ca_file) as c:
+        # This VM's transfers only: another test's transfer may still be ending when ``before`` is taken.
+        disks = {d.id for d in c.vm_disks(vm_id)}
         return {
-            "open_transfers": [t.id for t in c.transfers()
-                               if not t.phase.value.startswith(("finished", "cancelled"))],
+            "open_transfers": [t.id for t in c.transfers() if t.disk is not None and t.disk.id in disks
+                               and not t.phase.value.startswith(("finished", "cancelled"))],
             "open_backups": [b.id for b in c.call("l", lambda: c.vm_service(vm_id).backups_service().list())
                              if b.phase.value not in ("succeeded", "failed")],
             "snapshots": [s.id for s in c.snapshots(vm_id)],
